@@ -1,0 +1,143 @@
+"""ComfyUI side of the adapter: reading the Wan geometry from a MODEL, attaching the adapter through ComfyUI's
+wrapper/patch mechanisms (no monkey-patching), and calling the patched model directly for sampling/training."""
+import torch
+
+import comfy.ldm.wan.model
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+
+from .core.adapter_file import check_backbone
+from .core.geometry import WAN_PATCH, BackboneSignature, family_for_channels
+
+KEY = "litevsr"  # wrapper key, additional-model key and transformer_options key
+DIFFUSION_MODEL = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+
+
+class UnsupportedBackbone(ValueError):
+    pass
+
+
+def backbone_signature(model) -> BackboneSignature:
+    """Signature of a MODEL from the stock loaders; anything but a Wan T2V/TI2V DiT is refused by name."""
+    base = getattr(model, "model", None)
+    dit = getattr(base, "diffusion_model", None)
+    found = f"{type(base).__name__} ({type(dit).__name__})"
+    channels = getattr(getattr(base, "latent_format", None), "latent_channels", None)
+    family = family_for_channels(channels)
+    if type(dit) is not comfy.ldm.wan.model.WanModel or dit.model_type != "t2v" or family is None \
+            or dit.in_dim != channels or dit.out_dim != channels or tuple(dit.patch_size) != WAN_PATCH:
+        details = ""
+        if isinstance(dit, comfy.ldm.wan.model.WanModel):
+            details = f", model_type {dit.model_type}, in_dim {dit.in_dim}, out_dim {dit.out_dim}"
+        raise UnsupportedBackbone(
+            f"LiteVSR needs a Wan2.1 T2V (1.3B/14B) or Wan2.2 TI2V-5B model from 'Load Diffusion Model'; got {found}"
+            f"{details}. I2V, VACE, camera and other variants are not supported.")
+    name, vae_stride = family
+    return BackboneSignature(name, dim=dit.dim, num_layers=dit.num_layers, num_heads=dit.num_heads,
+                             latent_channels=channels, vae_stride=vae_stride, text_dim=dit.text_dim)
+
+
+def _twice(tensor):
+    return torch.cat([tensor, tensor]) if torch.is_tensor(tensor) else tensor
+
+
+class AdapterWrapper:
+    """DIFFUSION_MODEL wrapper: once per model call, computes the adapter features from the LR latent, the clean
+    estimate and the timestep, and leaves them for the block patches in this call's transformer_options."""
+
+    def __init__(self, adapter_patcher, context, signature):
+        self.adapter_patcher = adapter_patcher
+        self.context = context
+        self.signature = signature
+
+    def __deepcopy__(self, memo):
+        return self  # 0.3.75's clone() deep-copies model_options: share, don't duplicate the adapter
+
+    def __call__(self, executor, x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs):
+        lr_latent = kwargs.pop("vsr_lr", None)
+        estimate = kwargs.pop("vsr_est", None)
+        if lr_latent is None:
+            raise ValueError("A MODEL with a LiteVSR adapter must be sampled by 'LiteVSR Sampler' (it supplies the "
+                             "LR latent); stock samplers do not.")
+        adapter = self.adapter_patcher.model
+        per_sample_t = timestep.reshape(x.shape[0], -1).amax(dim=1)  # Wan2.2 may pass per-token timesteps
+        features = adapter.features(lr_latent, lr_latent if estimate is None else estimate, per_sample_t)
+        transformer_options[KEY] = {"adapter": adapter, "features": features, "condition": None}
+        return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+
+
+class BlockPatch:
+    """Replaces Wan block i: runs the frozen block, then adds the adapter's zero-initialised injection."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args, extra):
+        state = args["transformer_options"][KEY]
+        adapter = state["adapter"]
+        if adapter.config.mode == "direct":
+            out = extra["original_block"](args)
+            return {"img": out["img"] + adapter.inject(self.index, state["features"]).to(out["img"].dtype)}
+        # shared_blocks: the condition tokens pass the same frozen block as a second batch half.
+        x = args["img"]
+        condition = state["condition"]
+        if condition is None:
+            condition = adapter.condition_tokens(x, state["features"])
+        both = extra["original_block"]({**args, "img": torch.cat([x, condition.to(x.dtype)]),
+                                        "txt": _twice(args["txt"]), "vec": _twice(args["vec"])})["img"]
+        x, condition = both.split(x.shape[0])
+        state["condition"] = condition
+        return {"img": x + adapter.inject(self.index, condition).to(x.dtype)}
+
+
+def find_attachment(model):
+    wrappers = model.get_wrappers(DIFFUSION_MODEL, KEY) if hasattr(model, "get_wrappers") else []
+    return wrappers[0] if wrappers else None
+
+
+def attach_adapter(model, adapter, context):
+    """A clone of `model` with the adapter attached; the adapter rides along as an additional model, so ComfyUI
+    loads, offloads and frees it together with the DiT."""
+    signature = backbone_signature(model)
+    check_backbone(adapter.config, signature)
+    if find_attachment(model) is not None:
+        raise ValueError("This MODEL already has a LiteVSR adapter attached; attach only one.")
+    patched = model.clone()
+    adapter.requires_grad_(False)
+    adapter_patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=model.load_device,
+                                                       offload_device=model.offload_device)
+    patched.set_additional_models(KEY, [adapter_patcher])
+    patched.add_wrapper_with_key(DIFFUSION_MODEL, KEY, AdapterWrapper(adapter_patcher, context, signature))
+    for index in range(signature.num_layers):
+        patched.set_model_patch_replace(BlockPatch(index), "dit", "double_block", index)
+    return patched
+
+
+def make_denoiser(model, context=None):
+    """denoise(x, sigma, lr, estimate) -> x0 for a MODEL with an adapter, in the model's latent space.
+
+    Loads the DiT and the adapter onto the compute device and merges the patcher's wrappers into the call
+    options, as ComfyUI's samplers do (comfyui-integration.md §3, direct model call)."""
+    attachment = find_attachment(model)
+    if attachment is None:
+        raise ValueError("This MODEL has no LiteVSR adapter: put 'Attach State-Aware Adapter' between the model "
+                         "loader and the sampler.")
+    comfy.model_management.load_models_gpu([model] + model.get_nested_additional_models())
+    device = model.load_device
+    options = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
+    comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False)
+    text = (attachment.context if context is None else context).to(device)
+
+    def denoise(x, sigma, lr_latent, estimate):
+        batch = x.shape[0]
+        sigmas = torch.full((batch,), float(sigma), device=device)
+        call_options = dict(options, sigmas=sigmas)
+        return model.model.apply_model(x.to(device), sigmas, c_crossattn=text.expand(batch, -1, -1),
+                                       transformer_options=call_options, vsr_lr=lr_latent.to(device),
+                                       vsr_est=estimate.to(device))
+
+    return denoise

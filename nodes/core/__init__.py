@@ -1,0 +1,1 @@
+"""The torch core: adapter, sampling math, tiling, frames. Imports nothing of ComfyUI."""

@@ -1,0 +1,14 @@
+"""Registers the pack's nodes with ComfyUI (V3 extension API)."""
+from comfy_api.latest import ComfyExtension, io
+
+from .decode_nodes import LiteVSRColorCorrect, LiteVSRTiledDecode
+from .model_nodes import LiteVSRAttachAdapter
+from .sample_nodes import LiteVSRSampler
+from .stream_nodes import LiteVSRUpscaleVideoFile
+from .video_nodes import LiteVSREncodeVideo
+
+
+class LiteVSRExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LiteVSRAttachAdapter, LiteVSREncodeVideo, LiteVSRSampler, LiteVSRTiledDecode, LiteVSRColorCorrect,
+                LiteVSRUpscaleVideoFile]

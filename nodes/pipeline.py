@@ -1,0 +1,49 @@
+"""ComfyUI objects (MODEL with adapter, VAE) -> the core's callables: encode, tiled denoise, tiled decode.
+
+The node graph (one node per stage) and the streaming node (all stages per chunk) build their steps here, so both
+run the same code."""
+import comfy.model_management
+
+from .backbone import backbone_signature, make_denoiser
+from .core.decode import tiled_decode
+from .core.dit_tiling import default_overlap, latent_tiling, patch_multiple, tiled_denoiser, training_tile
+from .core.geometry import WAN_PATCH
+
+
+def check_interrupt(*_):
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def grid_px(vae):
+    """Pixel multiple the DiT needs, from the VAE plugged in: one token covers VAE stride x patch pixels."""
+    return vae.spacial_compression_encode() * WAN_PATCH[1]
+
+
+def lr_encoder(vae, model):
+    """Padded pixel frames -> LR latent in the model's space (Wan latent normalisation applied)."""
+    base = model.model
+    return lambda pixels: base.process_latent_in(vae.encode(pixels).float())
+
+
+def hr_decoder(vae, model, tile_px, overlap_px, on_tile=check_interrupt):
+    """Clean latent in the model's space -> CPU float32 frames, in spatial tiles with one causal pass over time."""
+    base = model.model
+    stride = vae.spacial_compression_decode()
+    return lambda latent: tiled_decode(base.process_latent_out(latent.float().cpu()), lambda z: vae.decode(z)[0],
+                                       stride, tile_px, overlap_px, on_tile)
+
+
+def dit_tiles(model, tile_px=0, overlap_px=0, latent_hw=None):
+    """(tile, overlap) in latent units: given pixel sizes, or 0 for the backbone's training resolution."""
+    signature = backbone_signature(model)
+    if tile_px:
+        return latent_tiling(signature, tile_px, overlap_px or None)
+    tile = training_tile(signature, *(latent_hw or (None, None)))
+    return tile, default_overlap(tile, patch_multiple(signature))
+
+
+def dit_denoiser(model, tile, overlap, on_tile=check_interrupt):
+    """The adapter-steered DiT as denoise(x, sigma, lr, estimate) -> x0, in spatial latent tiles where the
+    latent is larger than `tile` (one call otherwise)."""
+    multiple = patch_multiple(backbone_signature(model))
+    return tiled_denoiser(make_denoiser(model), tile, overlap, multiple=multiple, on_tile=on_tile)

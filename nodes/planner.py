@@ -1,0 +1,54 @@
+"""The memory planner with ComfyUI's view of free memory, and a per-chunk OOM retry for the streaming node."""
+import logging
+
+import comfy.model_management
+
+from .core import memory
+from .core.dit_tiling import default_overlap, patch_multiple
+
+log = logging.getLogger("LiteVSR")
+DECODE_OVERLAP_PX = 64
+
+
+def is_oom(exc):
+    return isinstance(exc, comfy.model_management.OOM_EXCEPTION) or memory.default_is_oom(exc)
+
+
+def plan_for_video(model, signature, num_frames, out_h, out_w, chunk_frames=0, dit_tile_px=0, decode_tile_px=0,
+                   overlap_frames=0):
+    """A memory plan against the compute device's free memory (after loading the models) and free host RAM;
+    0 means auto for each size."""
+    comfy.model_management.load_models_gpu([model] + model.get_nested_additional_models())
+    budget = comfy.model_management.get_free_memory(model.load_device)
+    stride = signature.vae_stride
+    requested = {"chunk_frames": chunk_frames or "auto",
+                 "dit_tile": (dit_tile_px // stride) if dit_tile_px else "auto",
+                 "decode_tile": decode_tile_px or "auto"}
+    dtype_bytes = comfy.model_management.dtype_size(model.model.get_dtype())
+    return memory.plan(signature, out_h, out_w, num_frames, budget, memory.host_available_bytes(), requested,
+                       dtype_bytes=dtype_bytes, overlap_frames=overlap_frames)
+
+
+def decode_overlap(plan):
+    """Decode tile overlap in px: 64 px, less for tiny tiles, on the VAE stride."""
+    stride = plan.signature.vae_stride
+    return min(DECODE_OVERLAP_PX, plan.decode_tile // 4 // stride * stride)
+
+
+def dit_overlap(plan):
+    return default_overlap(plan.dit_tile, patch_multiple(plan.signature))
+
+
+def retrying(process_for_plan, plan):
+    """process(frames, first_frame, known) that runs `process_for_plan(plan)` and, on running out of memory in
+    the DiT or the decode, halves that stage's tile and redoes the chunk; later chunks keep the sizes that
+    worked. (The chunk length is fixed once streaming has started.)"""
+    state = {"plan": plan}
+
+    def process(frames, first_frame, known):
+        result, state["plan"] = memory.run_with_oom_retry(
+            lambda current: process_for_plan(current)(frames, first_frame, known), state["plan"], is_oom=is_oom,
+            on_retry=log.warning)
+        return result
+
+    return process

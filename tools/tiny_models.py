@@ -1,0 +1,114 @@
+"""Tiny random-weight stand-ins for Wan checkpoints, built from ComfyUI's own model classes.
+
+Real weights cannot be downloaded here, so tests, `make demo` and `make serve` build small checkpoints whose key
+names are exactly those of the real Wan2.1/Wan2.2 files and load them through ComfyUI's stock detection.
+Their output is meaningless: they only demonstrate the pipeline.
+"""
+import math
+
+import torch
+from safetensors.torch import save_file
+
+TEXT_DIM = 4096  # fixed in ComfyUI's Wan detection
+TEXT_LEN = 512
+
+
+def _init_(module, seed, weight_std=None):
+    """ComfyUI's ops skip weight init (tensors start as torch.empty), so every tensor is filled here."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        leaf = name.rsplit(".", 1)[-1]
+        with torch.no_grad():
+            if leaf in ("gamma",) or (leaf == "weight" and tensor.ndim == 1):
+                tensor.fill_(1.0)
+            elif leaf in ("bias", "beta"):
+                tensor.zero_()
+            else:
+                fan_in = tensor[0].numel() if tensor.ndim > 1 else tensor.numel()
+                std = weight_std if weight_std is not None else 1.0 / math.sqrt(max(1, fan_in))
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
+
+
+def tiny_wan_dit_state_dict(dim=256, num_layers=2, latent_channels=16, ffn_dim=None, seed=0):
+    """State dict of a Wan T2V DiT (Wan2.1 geometry for 16 latent channels, Wan2.2-5B for 48)."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    if dim % 128:
+        raise ValueError("ComfyUI derives heads as dim // 128: dim must be a multiple of 128")
+    model = comfy.ldm.wan.model.WanModel(
+        model_type="t2v", patch_size=(1, 2, 2), in_dim=latent_channels, out_dim=latent_channels, dim=dim,
+        ffn_dim=ffn_dim or 2 * dim, freq_dim=256, text_dim=TEXT_DIM, num_heads=dim // 128, num_layers=num_layers,
+        operations=comfy.ops.disable_weight_init)
+    _init_(model, seed, weight_std=0.02)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+# In a trained VAE the residual branches and the mid-block attention are small corrections to the identity path.
+# A plain fan-in init makes each as large as the identity, so the random decoder saturates and its single
+# attention layer (which sees the whole frame) dominates every pixel. Scaling the last layer of each branch
+# gives the stand-in a trained network's character: mostly local, not saturated.
+VAE_BRANCH_SCALE = 0.1
+
+
+def tiny_wan21_vae_state_dict(dim=8, seed=0):
+    """State dict of a Wan2.1 VAE with base width `dim` (ComfyUI reads the width from decoder.head.0.gamma)."""
+    import comfy.ldm.wan.vae
+
+    vae = comfy.ldm.wan.vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True], dropout=0.0)
+    _init_(vae, seed)
+    state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    for name, tensor in state.items():
+        if name.endswith((".residual.6.weight", ".proj.weight")):  # last conv of a residual block; attention out
+            tensor.mul_(VAE_BRANCH_SCALE)
+    return state
+
+
+def save_tiny_wan_dit(path, **kwargs):
+    save_file(tiny_wan_dit_state_dict(**kwargs), str(path))
+    return path
+
+
+def save_tiny_wan21_vae(path, **kwargs):
+    save_file(tiny_wan21_vae_state_dict(**kwargs), str(path))
+    return path
+
+
+def zero_text_context():
+    """What an umt5 encoder returns with every padding token zeroed, for an empty prompt: no tiny umt5 exists."""
+    return torch.zeros(1, TEXT_LEN, TEXT_DIM)
+
+
+def tiny_ltxv_state_dict(seed=0):
+    """A non-Wan video DiT (LTX-Video key names, 1 block, width 128), for testing that non-Wan models are refused."""
+    import comfy.ldm.lightricks.model
+    import comfy.ops
+
+    model = comfy.ldm.lightricks.model.LTXVModel(in_channels=128, cross_attention_dim=128, attention_head_dim=4,
+                                                 num_attention_heads=32, num_layers=1,
+                                                 operations=comfy.ops.disable_weight_init)
+    _init_(model, seed, weight_std=0.02)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def save_tiny_ltxv(path, **kwargs):
+    save_file(tiny_ltxv_state_dict(**kwargs), str(path))
+    return path
+
+
+def tiny_wan_i2v_state_dict(dim=128, num_layers=1, seed=0):
+    """A Wan2.1 I2V DiT (36 input channels, CLIP image projection): a Wan the pack must refuse by name."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    model = comfy.ldm.wan.model.WanModel(
+        model_type="i2v", in_dim=36, out_dim=16, dim=dim, ffn_dim=2 * dim, text_dim=TEXT_DIM, num_heads=dim // 128,
+        num_layers=num_layers, operations=comfy.ops.disable_weight_init)
+    _init_(model, seed, weight_std=0.02)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def save_tiny_wan_i2v(path, **kwargs):
+    save_file(tiny_wan_i2v_state_dict(**kwargs), str(path))
+    return path
