@@ -2,11 +2,18 @@
 # by tools/bootstrap_env.sh into ~/.cache/comfyui-litevsr and linked here as .venv and .comfyui.
 #
 #   make test                      the whole test suite (unit, in-process ComfyUI, real headless server)
-#   make demo [INPUT=clip.mp4] [OUTPUT=output/demo.mp4] [SCALE=4] [STEPS=1] [ADAPTER=...] [MODELS_DIR=...]
+#   make demo [INPUT=clip.mp4] [OUTPUT=output/demo.mp4] [SCALE=4] [STEPS=1] [ADAPTER=...] [MODELS_DIR=...] [STREAM=1]
+#                                  STREAM=1: the long-video example (streaming node, file to file) instead
 #   make serve [PORT=8188] [MODELS_DIR=...]   the same ComfyUI with the pack, for a browser
+#   make upscale INPUT=clip.mp4 [OUTPUT=output/upscaled.mp4] [NPROC=2] [DIT=... VAE=...] [ADAPTER=file]
+#                [SCALE=4] [STEPS=1] [CHUNK_FRAMES=0] [OVERLAP_FRAMES=8] [SEGMENT_CHUNKS=...] [UPSCALE_ARGS=...]
+#                                  file to file in this process (tools/upscale.py, no server); NPROC > 1 shares
+#                                  the chunks between torchrun processes (same output as one process run with the
+#                                  same SEGMENT_CHUNKS; default 0 for one process, 4 for several)
+#   make bench [FULL=1] [BENCH_ARGS=...]   benchmarks -> bench/results/latest.json (bench/run.py); quick by default
 #
 # Without MODELS_DIR (a folder holding diffusion_models/, vae/, litevsr/), demo and serve use tiny
-# random-weight Wan stand-ins: the output only demonstrates the pipeline.
+# random-weight Wan stand-ins: the output only demonstrates the pipeline. So does `make upscale` without DIT/VAE.
 
 PYTHON   := .venv/bin/python
 INPUT    ?=
@@ -15,10 +22,23 @@ SCALE    ?= 4
 STEPS    ?= 1
 ADAPTER  ?= new (zero-init)
 MODELS_DIR ?=
+STREAM   ?=
 PORT     ?= 8188
+FULL     ?=
 PYTEST_FLAGS ?= -q -p no:cacheprovider --timeout=600 -ra
+NPROC    ?= 1
+DIT      ?=
+VAE      ?=
+CHUNK_FRAMES ?= 0
+OVERLAP_FRAMES ?= 8
+SEGMENT_CHUNKS ?= $(if $(filter 1,$(NPROC)),0,4)
+UPSCALE_ARGS ?=
+BENCH_ARGS ?=
+# `make upscale` writes output/upscaled.mp4 unless OUTPUT is given (OUTPUT's default belongs to `make demo`)
+UPSCALE_OUTPUT = $(if $(filter command line environment,$(origin OUTPUT)),$(OUTPUT),output/upscaled.mp4)
+UPSCALE_LAUNCH = $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
-.PHONY: env test demo serve clean
+.PHONY: env test demo serve upscale bench clean
 
 env:
 	@bash tools/bootstrap_env.sh
@@ -28,10 +48,21 @@ test: env
 
 demo: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/demo.py demo --input "$(INPUT)" --output "$(OUTPUT)" \
-		--scale "$(SCALE)" --steps "$(STEPS)" --adapter "$(ADAPTER)" --models-dir "$(MODELS_DIR)"
+		--scale "$(SCALE)" --steps "$(STEPS)" --adapter "$(ADAPTER)" --models-dir "$(MODELS_DIR)" \
+		$(if $(filter-out 0,$(STREAM)),--stream)
 
 serve: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/demo.py serve --port "$(PORT)" --models-dir "$(MODELS_DIR)"
+
+upscale: env
+	@test -n "$(INPUT)" || { echo "make upscale needs INPUT=video-file" >&2; exit 2; }
+	PYTHONDONTWRITEBYTECODE=1 $(UPSCALE_LAUNCH) tools/upscale.py --input "$(INPUT)" --output "$(UPSCALE_OUTPUT)" \
+		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(findstring zero-init,$(ADAPTER)),,--adapter "$(ADAPTER)") \
+		--scale "$(SCALE)" --steps "$(STEPS)" --chunk-frames "$(CHUNK_FRAMES)" --overlap-frames "$(OVERLAP_FRAMES)" \
+		--segment-chunks "$(SEGMENT_CHUNKS)" $(UPSCALE_ARGS)
+
+bench: env
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) bench/run.py $(if $(filter-out 0,$(FULL)),--stream-size 160x68) $(BENCH_ARGS)
 
 clean:
 	rm -rf output .serve

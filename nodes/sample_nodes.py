@@ -9,6 +9,24 @@ from .latents import vsr_info
 from .pipeline import dit_denoiser, dit_tiles
 
 
+def sampling_inputs():
+    """The sampling settings, shared with the streaming node."""
+    return [
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Noise seed. The noise is drawn on the CPU and keyed by frame position, so a seed gives "
+                             "the same result on any device and however the video is chunked."),
+        io.Int.Input("steps", default=1, min=1, max=50,
+                     tooltip="Euler steps. LiteVSR works down to one step; more steps refine the estimate."),
+        io.Float.Input("shift", default=5.0, min=1.0, max=20.0, step=0.1,
+                       tooltip="Flow time shift of the sigma schedule (Wan VSR models use about 5)."),
+        io.Combo.Input("start", options=list(START_MODES), default="noise",
+                       tooltip="noise: start from pure noise at sigma 1 (the paper). lr_latent: use the LR latent "
+                               "itself as the state at 'start_sigma' (InfVSR/DOVE style)."),
+        io.Float.Input("start_sigma", default=0.4, min=0.01, max=1.0, step=0.01,
+                       tooltip="Only for start = lr_latent: the noise level the LR latent is treated as."),
+    ]
+
+
 class LiteVSRSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -21,18 +39,7 @@ class LiteVSRSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The Wan DiT with an adapter from 'Attach State-Aware Adapter'."),
                 io.Latent.Input("latent", tooltip="The LR video from 'Encode LR Video (LiteVSR)'."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed; the noise is drawn on the CPU, so a seed gives the same result on "
-                                     "any device."),
-                io.Int.Input("steps", default=1, min=1, max=50,
-                             tooltip="Euler steps. LiteVSR works down to one step; more steps refine the estimate."),
-                io.Float.Input("shift", default=5.0, min=1.0, max=20.0, step=0.1,
-                               tooltip="Flow time shift of the sigma schedule (Wan VSR models use about 5)."),
-                io.Combo.Input("start", options=list(START_MODES), default="noise",
-                               tooltip="noise: start from pure noise at sigma 1 (the paper). lr_latent: use the LR "
-                                       "latent itself as the state at 'start_sigma' (InfVSR/DOVE style)."),
-                io.Float.Input("start_sigma", default=0.4, min=0.01, max=1.0, step=0.01,
-                               tooltip="Only for start = lr_latent: the noise level the LR latent is treated as."),
+                *sampling_inputs(),
                 io.Int.Input("tile_size", default=0, min=0, max=8192, step=16, optional=True,
                              tooltip="DiT spatial tile in output pixels (a multiple of 16 for Wan2.1, 32 for "
                                      "Wan2.2). 0: the backbone's training resolution (832x480 for Wan2.1-1.3B, "

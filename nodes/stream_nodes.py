@@ -6,24 +6,26 @@ import time
 import comfy.model_management
 import comfy.utils
 import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import InputImpl, io, ui
 
 from .backbone import backbone_signature
 from .core.colour import METHODS
-from .core.sampling import START_MODES, flow_sigmas
+from .core.sampling import flow_sigmas
 from .core.stream import VSRPipeline, upscale_chunks
 from .core.temporal import DEFAULT_CUT_THRESHOLD, SceneCutDetector, chunk_plan
 from .core.video_io import VideoReader, VideoWriter
 from .pipeline import dit_denoiser, grid_px, hr_decoder, lr_encoder
 from .planner import decode_overlap, dit_overlap, plan_for_video, retrying
+from .sample_nodes import sampling_inputs
 
 log = logging.getLogger("LiteVSR")
 
 
 def source_path(video):
-    """The file behind a VIDEO from Load Video; streaming needs a file it can read lazily."""
-    source = video.get_stream_source()
-    if not isinstance(source, (str, os.PathLike)):
+    """The file behind a VIDEO from Load Video; streaming needs a file it can read lazily. (Only a VideoFromFile is
+    asked: the base class's get_stream_source would encode an in-memory video into a buffer first.)"""
+    source = video.get_stream_source() if isinstance(video, InputImpl.VideoFromFile) else None
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
         raise ValueError("Upscale Video File needs a video loaded from a file (Load Video); this VIDEO lives in "
                          "memory. Save it first, or use the short-clip nodes.")
     return source
@@ -39,6 +41,12 @@ def scene_cuts(reader, threshold):
         cuts += detector.cut_points(frames)
         comfy.model_management.throw_exception_if_processing_interrupted()
     return cuts
+
+
+def stream_overlap(settings, num_frames, overlap_frames):
+    """The overlap the chunk plan uses: none when one chunk holds the whole video (each shot is then one chunk,
+    and a clip shorter than the overlap would otherwise leave no new frames per chunk)."""
+    return 0 if settings.chunk_frames >= num_frames else overlap_frames
 
 
 class ChunkProgress:
@@ -75,17 +83,9 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
                 io.String.Input("filename_prefix", default="LiteVSR/upscaled",
                                 tooltip="Output name inside ComfyUI's output folder; a counter and .mp4 are added."),
                 io.Int.Input("scale", default=4, min=1, max=8, tooltip="Upscale factor for width and height."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed (noise is keyed by frame position, so chunking does not change it)."),
-                io.Int.Input("steps", default=1, min=1, max=50, tooltip="Euler steps per chunk."),
-                io.Float.Input("shift", default=5.0, min=1.0, max=20.0, step=0.1,
-                               tooltip="Flow time shift of the sigma schedule."),
-                io.Combo.Input("start", options=list(START_MODES), default="noise",
-                               tooltip="noise: from pure noise (the paper); lr_latent: from the LR latent at "
-                                       "start_sigma (InfVSR/DOVE style)."),
-                io.Float.Input("start_sigma", default=0.4, min=0.01, max=1.0, step=0.01,
-                               tooltip="Only for start = lr_latent."),
-                io.Int.Input("chunk_frames", default=0, min=0, max=1001, step=4,
+                *sampling_inputs(),
+                # step 1: the front end snaps INT widgets to min + k * step, and 0 (auto) and 4n+1 share no grid
+                io.Int.Input("chunk_frames", default=0, min=0, max=1001, step=1,
                              tooltip="Frames per chunk, 4n+1 (e.g. 33, 81). 0: auto, the longest chunk that fits "
                                      "the memory planner's budget."),
                 io.Int.Input("overlap_frames", default=8, min=0, max=256, step=4,
@@ -121,9 +121,14 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
         out_h, out_w = scale * reader.height, scale * reader.width
         settings = plan_for_video(model, signature, reader.frame_count, out_h, out_w, chunk_frames, dit_tile,
                                   decode_tile, overlap_frames)
-        log.info("%s", settings.describe())
-        plan = chunk_plan(reader.frame_count, settings.chunk_frames, overlap_frames,
-                          scene_cuts(reader, scene_cut_threshold))
+        (log.warning if settings.warnings else log.info)("%s", settings.describe())
+        overlap = stream_overlap(settings, reader.frame_count, overlap_frames)
+        cuts = scene_cuts(reader, scene_cut_threshold)
+        plan = chunk_plan(reader.frame_count, settings.chunk_frames, overlap, cuts)
+        log.info("LiteVSR: %d frames at %s fps in %d chunk(s), overlap %d frames, %d scene cut(s)%s%s",
+                 reader.frame_count, float(reader.fps), len(plan), overlap, len(cuts),
+                 f" at frames {cuts[:10]}" + ("..." if len(cuts) > 10 else "") if cuts else "",
+                 ", with audio" if reader.has_audio else ", no audio")
         sigmas = flow_sigmas(steps, shift, 1.0 if start == "noise" else start_sigma)
 
         def pipeline_for(sizes):

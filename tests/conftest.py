@@ -1,6 +1,4 @@
 """Shared test set-up: a real ComfyUI on sys.path (CPU), the pack imported as a package, tiny Wan stand-ins."""
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -8,28 +6,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
-PACKAGE = "comfyui_litevsr"  # the pack under a fixed name, whatever its folder is called
-
-sys.path.insert(0, str(COMFY))
 sys.path.insert(0, str(REPO / "tools"))
 
-import comfy.cli_args  # noqa: E402
+import comfy_env  # noqa: E402
 
-if not torch.cuda.is_available():
-    comfy.cli_args.args.cpu = True  # ComfyUI would otherwise probe CUDA with this CUDA build of torch
-    comfy.cli_args.args.use_pytorch_cross_attention = True  # SDPA; ComfyUI's CPU default is far slower
-
-
-def _import_pack():
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_import_pack()
+PACKAGE = comfy_env.PACKAGE
+COMFY = comfy_env.comfy_dir()
+comfy_env.setup()  # ComfyUI on sys.path in CPU mode where CUDA is missing, the pack as `comfyui_litevsr`
 
 import tiny_models  # noqa: E402
 

@@ -1,5 +1,4 @@
 """Adapter files: exact round trip, and every broken or foreign file refused before anything is deserialised."""
-import json
 import pickle
 import re
 import struct

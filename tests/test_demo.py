@@ -42,3 +42,24 @@ def test_make_demo_bad_input_fails_in_one_line(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.startswith("demo failed:")]
     assert len(lines) == 1 and "missing.mp4" in lines[0], r.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["zero_frames", "not_a_video"])
+def test_make_demo_refuses_unusable_input_in_one_line(tmp_path, kind):
+    import av
+
+    source = tmp_path / f"{kind}.mp4"
+    if kind == "zero_frames":
+        with av.open(str(source), "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 36, "yuv420p"
+            container.start_encoding()
+    else:
+        source.write_text("this is not a video")
+    out = tmp_path / "out" / "demo.mp4"
+    r = make("demo", f"OUTPUT={out}", f"INPUT={source}", timeout=300)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("demo failed:")]
+    expected = "has no video frames" if kind == "zero_frames" else "not a video"
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert not out.exists()

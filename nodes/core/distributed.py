@@ -9,7 +9,6 @@ import math
 import os
 import time
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from .stream import process_chunks

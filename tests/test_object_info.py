@@ -1,0 +1,15 @@
+"""What the front end shows: every pack node has a description, every input a tooltip (from the live server)."""
+
+PACK_NODES = {"LiteVSRAttachAdapter", "LiteVSREncodeVideo", "LiteVSRSampler", "LiteVSRTiledDecode",
+              "LiteVSRColorCorrect", "LiteVSRUpscaleVideoFile"}
+
+
+def test_every_node_is_documented(object_info):
+    pack = {name: info for name, info in object_info.items() if info.get("category") == "LiteVSR"}
+    assert set(pack) == PACK_NODES
+    for name, info in pack.items():
+        assert len(info.get("description", "")) > 40, name
+        for section in ("required", "optional"):
+            for input_name, spec in info["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"

@@ -1,0 +1,114 @@
+"""End to end on a real headless ComfyUI: the long-video example (the streaming node, file to file) on real clips
+with audio, its atomic output, and an interrupt in the middle of a run."""
+import os
+import subprocess
+import time
+from fractions import Fraction
+
+import av
+import pytest
+
+import comfy_server
+import demo as demo_tool
+from conftest import REPO, TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE
+
+SCALE = 2
+CHUNK, OVERLAP = 9, 4  # 29 frames -> 6 chunks; 61 frames -> 14 chunks
+CLIP, CLIP_FRAMES = "litevsr_stream_clip.mp4", 29
+LONG_CLIP, LONG_FRAMES, LONG_CHUNKS = "litevsr_stream_long.mp4", 61, 14
+NODE = "LiteVSRUpscaleVideoFile"
+
+
+@pytest.fixture(scope="module")
+def stream_clips(comfy, tmp_path_factory):
+    """bigbuckbunny cuts with audio at 64x36 in the server's input/: 29 frames, and 61 for the interrupt."""
+    made = {}
+    for name, frames in ((CLIP, CLIP_FRAMES), (LONG_CLIP, LONG_FRAMES)):
+        src = demo_tool.make_clip(demo_tool.bigbuckbunny(), tmp_path_factory.mktemp("stream") / name, frames,
+                                  *TEST_CLIP_SIZE)
+        made[name] = comfy_server.place_file(src, comfy.base / "input" / name)
+    return made
+
+
+def stream_prompt(input_name, prefix, **inputs):
+    prompt = demo_tool.configure(demo_tool.load_api_workflow(stream=True), input_name=input_name, scale=SCALE,
+                                 steps=1, adapter=demo_tool.NEW_ADAPTER, filename_prefix=prefix)
+    (node,) = [n for n in prompt.values() if n["class_type"] == NODE]
+    node["inputs"].update({"chunk_frames": CHUNK, "overlap_frames": OVERLAP, **inputs})
+    return prompt
+
+
+def probe(path):
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        return {"frames": sum(1 for _ in c.decode(v)), "fps": Fraction(v.average_rate),
+                "size": (v.codec_context.width, v.codec_context.height), "audio": len(c.streams.audio)}
+
+
+def leftovers(comfy):
+    """Temporary files of the atomic writer (".<name>.<id>.partial.mp4") anywhere under output/."""
+    return sorted(str(p) for p in (comfy.base / "output").rglob("*") if p.is_file() and
+                  (p.name.startswith(".") or ".partial" in p.name))
+
+
+def test_long_video_example_streams_clip_with_audio(comfy, stream_clips):
+    prompt = stream_prompt(CLIP, "stream_e2e/upscaled")
+    prompt["99"] = {"class_type": "PreviewAny", "inputs": {"source": [next(k for k, n in prompt.items()
+                                                                          if n["class_type"] == NODE), 0]}}
+    paths = comfy.run_prompt(prompt, timeout=300)
+    assert len(paths) == 1 and paths[0].is_file(), paths
+    assert paths[0].parent == comfy.base / "output" / "stream_e2e" and paths[0].suffix == ".mp4"
+    # the node's STRING output is the full path of the file it wrote
+    entry = next(iter(comfy.get("/history?max_items=1").values()))
+    assert entry["outputs"]["99"]["text"] == [str(paths[0])]
+    src, out = probe(stream_clips[CLIP]), probe(paths[0])
+    assert src["frames"] == CLIP_FRAMES and src["audio"] == 1
+    assert out["frames"] == CLIP_FRAMES
+    assert out["fps"] == src["fps"]
+    assert out["size"] == (SCALE * TEST_CLIP_SIZE[0], SCALE * TEST_CLIP_SIZE[1])
+    assert out["audio"] == 1
+    assert leftovers(comfy) == []
+    log = comfy.log_tail(200)
+    assert "LiteVSR memory plan" in log and "in 6 chunk(s), overlap 4 frames" in log
+
+
+def test_interrupt_leaves_no_file_and_the_next_run_works(comfy, stream_clips):
+    """POST /interrupt once the first chunk is done: the run stops, the temporary file that was being written is
+    deleted, nothing appears under the final name, and a run queued right after succeeds."""
+    out_dir = comfy.base / "output" / "stream_e2e"
+    seen_mid_run = []
+
+    def on_progress(line):
+        if line.endswith(f": 1/{LONG_CHUNKS}") and not seen_mid_run:  # the node's progress: chunk 1 done
+            deadline = time.monotonic() + 30  # its frames are written right after (the file opens on first mux)
+            while not seen_mid_run and time.monotonic() < deadline:
+                seen_mid_run.extend(leftovers(comfy))
+                time.sleep(0.05)
+            comfy.post("/interrupt", {})
+
+    with pytest.raises(comfy_server.ComfyError, match="interrupted"):
+        comfy.run_prompt(stream_prompt(LONG_CLIP, "stream_e2e/interrupted"), timeout=300, on_progress=on_progress)
+    assert seen_mid_run, "no temporary output file while the node was running"
+    assert not list(out_dir.glob("interrupted*")), "a file appeared under the final name"
+    assert leftovers(comfy) == []
+
+    paths = comfy.run_prompt(stream_prompt(TEST_CLIP, "stream_e2e/after_interrupt"), timeout=300)
+    assert len(paths) == 1 and probe(paths[0])["frames"] == TEST_CLIP_FRAMES
+    assert leftovers(comfy) == []
+
+
+def test_make_demo_stream(tmp_path, test_clip):
+    """`make demo STREAM=1` on a small clip: the long-video example's API twin, one output file, no leftovers."""
+    out = tmp_path / "demo_stream.mp4"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    t0 = time.monotonic()
+    r = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "demo", "STREAM=1",
+                        f"INPUT={test_clip}", f"OUTPUT={out}", "SCALE=2"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    print(f"make demo STREAM=1 took {time.monotonic() - t0:.0f} s")
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    assert "litevsr_long_video_api.json" in r.stdout and "LiteVSR memory plan" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_stream.mp4"]
+    info = probe(out)
+    assert info["frames"] == TEST_CLIP_FRAMES and info["size"] == (2 * TEST_CLIP_SIZE[0], 2 * TEST_CLIP_SIZE[1])
+    assert info["audio"] == 1
