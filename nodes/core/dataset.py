@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .geometry import frames_on_grid
+from .video_io import count_frames
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,6 @@ def _is_candidate(path):
     return path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES
 
 
-def _count_video_frames(container, stream):
-    """The header's frame count when it has one (mp4, mov); else the packets, demuxed without decoding (mkv, webm)."""
-    if stream.frames:
-        return stream.frames
-    return sum(1 for packet in container.demux(stream) if packet.size)
-
-
 def _probe_video(path):
     with av.open(str(path)) as container:
         if not container.streams.video:
@@ -56,7 +50,7 @@ def _probe_video(path):
         if first is None:
             raise ValueError("no decodable frame")
         container.seek(0)
-        return VideoInfo(path, _count_video_frames(container, stream), first.height, first.width)
+        return VideoInfo(path, count_frames(container, stream), first.height, first.width)
 
 
 def _probe_webp(path):

@@ -29,7 +29,18 @@ _LUMA = (0.299, 0.587, 0.114)  # BT.601, for gray (luminance-only) noise
 
 
 @dataclass(frozen=True)
-class StageConfig:
+class CompressionConfig:
+    """The JPEG and video-codec ranges, common to a degradation stage and the final step."""
+
+    jpeg_prob: float = 1.0
+    jpeg_quality: tuple = (30, 95)
+    codec_prob: float = 1.0
+    codecs: tuple = CODECS
+    bitrate: tuple = (1e4, 1e5)
+
+
+@dataclass(frozen=True)
+class StageConfig(CompressionConfig):
     """One order of degradation: blur, resize, noise, then JPEG and codec (stage 1 only in the presets)."""
 
     blur_prob: float = 1.0
@@ -46,26 +57,16 @@ class StageConfig:
     noise_sigma: tuple = (1.0, 30.0)  # on the 0..255 scale
     poisson_scale: tuple = (0.05, 3.0)
     gray_noise_prob: float = 0.4
-    jpeg_prob: float = 1.0
-    jpeg_quality: tuple = (30, 95)
-    codec_prob: float = 1.0
-    codecs: tuple = CODECS
-    bitrate: tuple = (1e4, 1e5)
 
 
 @dataclass(frozen=True)
-class FinalConfig:
+class FinalConfig(CompressionConfig):
     """Resize to the LR size with a sinc filter, and JPEG, in random order; then the codec."""
 
     sinc_prob: float = 0.8
     sinc_omega: tuple = (math.pi / 3, math.pi)
     kernel_sizes: tuple = KERNEL_SIZES
     resize_modes: tuple = RESIZE_MODES
-    jpeg_prob: float = 1.0
-    jpeg_quality: tuple = (30, 95)
-    codec_prob: float = 1.0
-    codecs: tuple = CODECS
-    bitrate: tuple = (1e4, 1e5)
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,10 @@ def _frame_rate(stream):
     return Fraction(rate)
 
 
-def _count_packets(container, stream):
-    """Frame count by demuxing without decoding (for containers that don't record it, e.g. Matroska/WebM)."""
-    return sum(1 for packet in container.demux(stream) if packet.size)
+def count_frames(container, stream):
+    """The header's frame count where the container records one (mp4, mov, avi); else the packets, demuxed
+    without decoding (Matroska/WebM)."""
+    return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def _to_tensor(frame, width, height):
@@ -68,8 +69,7 @@ class VideoReader:
             self.height = stream.codec_context.height
             self.has_audio = bool(container.streams.audio)
             self.fps = _frame_rate(stream)
-            # mp4/mov/avi record the sample count in the header; others are counted packet by packet
-            self.frame_count = stream.frames or _count_packets(container, stream)
+            self.frame_count = count_frames(container, stream)
         if self.frame_count == 0:
             raise ValueError(f"video has no frames: {self.path}")
 
