@@ -10,10 +10,16 @@
 #                                  file to file in this process (tools/upscale.py, no server); NPROC > 1 shares
 #                                  the chunks between torchrun processes (same output as one process run with the
 #                                  same SEGMENT_CHUNKS; default 0 for one process, 4 for several)
+#   make train DATA=videos/ OUT=adapter.safetensors STEPS=n [RESUME=1] [NPROC=1] [DIT=... VAE=...] [TRAIN_ARGS=...]
+#                                  train an adapter on the frozen DiT (tools/train.py, no server): checkpoints in
+#                                  OUT.checkpoints/, RESUME=1 continues from the newest, losses in OUT.log.json;
+#                                  NPROC > 1: data-parallel torchrun processes, global batch = --batch-size (per
+#                                  process, TRAIN_ARGS) x --grad-accumulation x NPROC
 #   make bench [FULL=1] [BENCH_ARGS=...]   benchmarks -> bench/results/latest.json (bench/run.py); quick by default
 #
 # Without MODELS_DIR (a folder holding diffusion_models/, vae/, litevsr/), demo and serve use tiny
-# random-weight Wan stand-ins: the output only demonstrates the pipeline. So does `make upscale` without DIT/VAE.
+# random-weight Wan stand-ins: the output only demonstrates the pipeline. So do `make upscale` and `make train`
+# without DIT/VAE.
 
 PYTHON   := .venv/bin/python
 INPUT    ?=
@@ -33,12 +39,18 @@ CHUNK_FRAMES ?= 0
 OVERLAP_FRAMES ?= 8
 SEGMENT_CHUNKS ?= $(if $(filter 1,$(NPROC)),0,4)
 UPSCALE_ARGS ?=
+DATA     ?=
+OUT      ?=
+RESUME   ?=
+TRAIN_ARGS ?=
 BENCH_ARGS ?=
 # `make upscale` writes output/upscaled.mp4 unless OUTPUT is given (OUTPUT's default belongs to `make demo`)
 UPSCALE_OUTPUT = $(if $(filter command line environment,$(origin OUTPUT)),$(OUTPUT),output/upscaled.mp4)
-UPSCALE_LAUNCH = $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
+TORCHRUN_LAUNCH = $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
+# STEPS defaults to 1 for sampling; `make train` takes only a STEPS that was given
+TRAIN_STEPS = $(if $(filter command line environment,$(origin STEPS)),$(STEPS),)
 
-.PHONY: env test demo serve upscale bench clean
+.PHONY: env test demo serve upscale train bench clean
 
 env:
 	@bash tools/bootstrap_env.sh
@@ -56,10 +68,16 @@ serve: env
 
 upscale: env
 	@test -n "$(INPUT)" || { echo "make upscale needs INPUT=video-file" >&2; exit 2; }
-	PYTHONDONTWRITEBYTECODE=1 $(UPSCALE_LAUNCH) tools/upscale.py --input "$(INPUT)" --output "$(UPSCALE_OUTPUT)" \
+	PYTHONDONTWRITEBYTECODE=1 $(TORCHRUN_LAUNCH) tools/upscale.py --input "$(INPUT)" --output "$(UPSCALE_OUTPUT)" \
 		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(findstring zero-init,$(ADAPTER)),,--adapter "$(ADAPTER)") \
 		--scale "$(SCALE)" --steps "$(STEPS)" --chunk-frames "$(CHUNK_FRAMES)" --overlap-frames "$(OVERLAP_FRAMES)" \
 		--segment-chunks "$(SEGMENT_CHUNKS)" $(UPSCALE_ARGS)
+
+train: env
+	@test -n "$(DATA)" && test -n "$(OUT)" && test -n "$(TRAIN_STEPS)" || \
+		{ echo "make train needs DATA=video-folder OUT=adapter.safetensors STEPS=n" >&2; exit 2; }
+	PYTHONDONTWRITEBYTECODE=1 $(TORCHRUN_LAUNCH) tools/train.py --data "$(DATA)" --out "$(OUT)" --steps "$(TRAIN_STEPS)" \
+		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(filter-out 0,$(RESUME)),--resume) $(TRAIN_ARGS)
 
 bench: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) bench/run.py $(if $(filter-out 0,$(FULL)),--stream-size 160x68) $(BENCH_ARGS)

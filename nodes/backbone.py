@@ -1,6 +1,7 @@
 """ComfyUI side of the adapter: reading the Wan geometry from a MODEL, attaching the adapter through ComfyUI's
 wrapper/patch mechanisms (no monkey-patching), and calling the patched model directly for sampling/training."""
 import torch
+import torch.utils.checkpoint
 
 import comfy.ldm.wan.model
 import comfy.model_management
@@ -11,6 +12,7 @@ from .core.adapter_file import check_backbone
 from .core.geometry import WAN_PATCH, BackboneSignature, family_for_channels
 
 KEY = "litevsr"  # wrapper key, additional-model key and transformer_options key
+CHECKPOINT_KEY = "litevsr_gradient_checkpointing"  # transformer_options flag set by the trainer
 DIFFUSION_MODEL = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 
 
@@ -63,7 +65,8 @@ class AdapterWrapper:
         adapter = self.adapter_patcher.model
         per_sample_t = timestep.reshape(x.shape[0], -1).amax(dim=1)  # Wan2.2 may pass per-token timesteps
         features = adapter.features(lr_latent, lr_latent if estimate is None else estimate, per_sample_t)
-        transformer_options[KEY] = {"adapter": adapter, "features": features, "condition": None}
+        transformer_options[KEY] = {"adapter": adapter, "features": features, "condition": None,
+                                    "checkpoint": transformer_options.get(CHECKPOINT_KEY, False)}
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
 
 
@@ -79,15 +82,18 @@ class BlockPatch:
     def __call__(self, args, extra):
         state = args["transformer_options"][KEY]
         adapter = state["adapter"]
+        block = extra["original_block"]
+        if state["checkpoint"]:  # training: recompute the frozen block in backward instead of keeping activations
+            block = lambda block_args, run=block: torch.utils.checkpoint.checkpoint(run, block_args, use_reentrant=False)
         if adapter.config.mode == "direct":
-            out = extra["original_block"](args)
+            out = block(args)
             return {"img": out["img"] + adapter.inject(self.index, state["features"]).to(out["img"].dtype)}
         # shared_blocks: the condition tokens pass the same frozen block as a second batch half.
         x = args["img"]
         condition = state["condition"]
         if condition is None:
             condition = adapter.condition_tokens(x, state["features"])
-        both = extra["original_block"]({**args, "img": torch.cat([x, condition.to(x.dtype)]),
+        both = block({**args, "img": torch.cat([x, condition.to(x.dtype)]),
                                         "txt": _twice(args["txt"]), "vec": _twice(args["vec"])})["img"]
         x, condition = both.split(x.shape[0])
         state["condition"] = condition
@@ -117,8 +123,9 @@ def attach_adapter(model, adapter, context):
     return patched
 
 
-def make_denoiser(model, context=None):
-    """denoise(x, sigma, lr, estimate) -> x0 for a MODEL with an adapter, in the model's latent space.
+def make_denoiser(model, context=None, gradient_checkpointing=False):
+    """denoise(x, sigma, lr, estimate) -> x0 for a MODEL with an adapter, in the model's latent space; sigma is a
+    number or one value per sample.
 
     Loads the DiT and the adapter onto the compute device and merges the patcher's wrappers into the call
     options, as ComfyUI's samplers do (comfyui-integration.md §3, direct model call)."""
@@ -130,11 +137,12 @@ def make_denoiser(model, context=None):
     device = model.load_device
     options = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
     comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False)
+    options[CHECKPOINT_KEY] = gradient_checkpointing
     text = (attachment.context if context is None else context).to(device)
 
     def denoise(x, sigma, lr_latent, estimate):
         batch = x.shape[0]
-        sigmas = torch.full((batch,), float(sigma), device=device)
+        sigmas = torch.as_tensor(sigma, dtype=torch.float32).to(device).reshape(-1).expand(batch)
         call_options = dict(options, sigmas=sigmas)
         return model.model.apply_model(x.to(device), sigmas, c_crossattn=text.expand(batch, -1, -1),
                                        transformer_options=call_options, vsr_lr=lr_latent.to(device),

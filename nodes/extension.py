@@ -5,10 +5,12 @@ from .decode_nodes import LiteVSRColorCorrect, LiteVSRTiledDecode
 from .model_nodes import LiteVSRAttachAdapter
 from .sample_nodes import LiteVSRSampler
 from .stream_nodes import LiteVSRUpscaleVideoFile
+from .train_nodes import LiteVSRDegradation, LiteVSRSaveAdapter, LiteVSRTrainAdapter, LiteVSRVideoDataset
 from .video_nodes import LiteVSREncodeVideo
 
 
 class LiteVSRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LiteVSRAttachAdapter, LiteVSREncodeVideo, LiteVSRSampler, LiteVSRTiledDecode, LiteVSRColorCorrect,
-                LiteVSRUpscaleVideoFile]
+                LiteVSRUpscaleVideoFile, LiteVSRVideoDataset, LiteVSRDegradation, LiteVSRTrainAdapter,
+                LiteVSRSaveAdapter]

@@ -20,6 +20,28 @@ def new_adapter(signature, mode, rank, seed=0):
         return StateAwareAdapter(AdapterConfig(signature, mode=mode, rank=rank))
 
 
+def adapter_choice_inputs(adapter_tooltip):
+    """The adapter file (or a new one) and the new adapter's shape: shared by Attach and Train."""
+    return [
+        io.Combo.Input("adapter", options=[NEW_ADAPTER] + folder_paths.get_filename_list(ADAPTER_FOLDER),
+                       tooltip=adapter_tooltip),
+        io.Combo.Input("injection", options=list(INJECTION_MODES), default="direct",
+                       tooltip="For a new adapter only (a file records its own). direct: adapter features are added "
+                               "after each block (fast). shared_blocks: the paper's mode, condition tokens pass the "
+                               "frozen blocks as a second batch (about 2x DiT cost)."),
+        io.Int.Input("rank", default=0, min=0, max=1024,
+                     tooltip="For a new adapter only. 0: full-rank injection layers; r > 0: low-rank (LoRA-style) "
+                             "injection with rank r, far fewer parameters."),
+    ]
+
+
+def adapter_from_choice(signature, adapter, injection, rank, seed=0):
+    """(module, stored text context or None) for a combo choice of `adapter_choice_inputs`."""
+    if adapter == NEW_ADAPTER:
+        return new_adapter(signature, injection, rank, seed), None
+    return load_adapter(folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter), signature)
+
+
 class LiteVSRAttachAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -32,16 +54,8 @@ class LiteVSRAttachAdapter(io.ComfyNode):
                         "reads the LR video and the sampler's clean estimate and steers every block.",
             inputs=[
                 io.Model.Input("model", tooltip="The Wan DiT from the stock 'Load Diffusion Model' node."),
-                io.Combo.Input("adapter", options=[NEW_ADAPTER] + folder_paths.get_filename_list(ADAPTER_FOLDER),
-                               tooltip="An adapter file from models/litevsr, or a fresh zero-initialised adapter "
+                *adapter_choice_inputs("An adapter file from models/litevsr, or a fresh zero-initialised adapter "
                                        "(output then equals the bare backbone's; the starting point for training)."),
-                io.Combo.Input("injection", options=list(INJECTION_MODES), default="direct",
-                               tooltip="For a new adapter only (a file records its own). direct: adapter features "
-                                       "are added after each block (fast). shared_blocks: the paper's mode, "
-                                       "condition tokens pass the frozen blocks as a second batch (about 2x DiT cost)."),
-                io.Int.Input("rank", default=0, min=0, max=1024,
-                             tooltip="For a new adapter only. 0: full-rank injection layers; r > 0: low-rank "
-                                     "(LoRA-style) injection with rank r, far fewer parameters."),
                 io.Conditioning.Input("conditioning", optional=True,
                                       tooltip="Optional text conditioning (umt5) overriding the context stored in "
                                               "the adapter file. Leave empty: no text encoder is needed."),
@@ -52,10 +66,7 @@ class LiteVSRAttachAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter, injection, rank, conditioning=None) -> io.NodeOutput:
         signature = backbone_signature(model)
-        if adapter == NEW_ADAPTER:
-            module, context = new_adapter(signature, injection, rank), None
-        else:
-            module, context = load_adapter(folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter), signature)
+        module, context = adapter_from_choice(signature, adapter, injection, rank)
         if conditioning is not None:
             context = conditioning[0][0]
         if context is None:

@@ -36,6 +36,13 @@ def widget_inputs(info):
     return names
 
 
+def control_widget(name, opts):
+    """Whether the front end adds a "control after generate" widget after this INT widget: when the input asks for
+    one, and, when it does not say, for inputs named seed or noise_seed (the front end's legacy convention)."""
+    flag = opts.get("control_after_generate")
+    return flag if flag is not None else name in ("seed", "noise_seed")
+
+
 def ui_to_api(ui, object_info):
     links = {link[0]: link for link in ui["links"]}
     prompt = {}
@@ -56,7 +63,7 @@ def ui_to_api(ui, object_info):
                     raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name}")
                 inputs[name] = values[i]
                 i += 1
-                if opts.get("control_after_generate") and i < len(values) and values[i] in CONTROL_VALUES:
+                if control_widget(name, opts) and i < len(values) and values[i] in CONTROL_VALUES:
                     i += 1
             rest = values[i:]
             uploads = any(k.endswith("_upload") for _, o in widgets for k in o)

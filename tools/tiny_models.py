@@ -29,8 +29,11 @@ def _init_(module, seed, weight_std=None):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
 
 
-def tiny_wan_dit_state_dict(dim=256, num_layers=2, latent_channels=16, ffn_dim=None, seed=0):
-    """State dict of a Wan T2V DiT (Wan2.1 geometry for 16 latent channels, Wan2.2-5B for 48)."""
+def tiny_wan_dit_state_dict(dim=256, num_layers=2, latent_channels=16, ffn_dim=None, seed=0, head_std=None):
+    """State dict of a Wan T2V DiT (Wan2.1 geometry for 16 latent channels, Wan2.2-5B for 48).
+
+    `head_std`: std of the output projection. The default 0.02 makes the stand-in's velocity far smaller than a
+    trained Wan's (unit scale); training tests use 1/sqrt(dim) so an adapter can steer the output to the target."""
     import comfy.ldm.wan.model
     import comfy.ops
 
@@ -41,6 +44,10 @@ def tiny_wan_dit_state_dict(dim=256, num_layers=2, latent_channels=16, ffn_dim=N
         ffn_dim=ffn_dim or 2 * dim, freq_dim=256, text_dim=TEXT_DIM, num_heads=dim // 128, num_layers=num_layers,
         operations=comfy.ops.disable_weight_init)
     _init_(model, seed, weight_std=0.02)
+    if head_std is not None:
+        head = model.head.head.weight
+        with torch.no_grad():
+            head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(seed + 1)) * head_std)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 

@@ -38,7 +38,8 @@ FAILED_MARK = "failed_rank"
 class Ranks:
     """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
 
-    def __init__(self, environ=os.environ):
+    def __init__(self, environ=os.environ, tool="upscale"):
+        self.tool = tool  # names this tool in printed lines
         self.rank = int(environ.get("RANK", 0))
         self.world = int(environ.get("WORLD_SIZE", 1))
         self.local_rank = int(environ.get("LOCAL_RANK", 0))
@@ -47,7 +48,7 @@ class Ranks:
 
     def say(self, message, everyone=False):
         if self.rank == 0 or everyone:
-            prefix = f"[upscale rank {self.rank}/{self.world}]" if self.shared else "[upscale]"
+            prefix = f"[{self.tool} rank {self.rank}/{self.world}]" if self.shared else f"[{self.tool}]"
             print(f"{prefix} {message}", flush=True)
 
 
@@ -108,6 +109,30 @@ def init_distributed(ranks):
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
 
 
+def run_headless(ranks, work):
+    """Calls `work()` with torch.distributed up (under torchrun) and ComfyUI set up. Returns 0, or 1 after one line
+    on stderr (`<tool> failed [on rank N]: Type: message`); the process group is destroyed either way."""
+    init_distributed(ranks)
+    try:
+        import comfy_env
+
+        comfy_env.setup()
+        work()
+    except Exception as e:
+        import comfy_server
+
+        print(f"{ranks.tool} failed{f' on rank {ranks.rank}' if ranks.shared else ''}: "
+              f"{comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if ranks.shared:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return 0
+
+
 def broadcast_ints(values, ranks):
     """Rank 0's list of ints on every rank, as tensors (nothing is pickled)."""
     if not ranks.shared:
@@ -137,11 +162,13 @@ def clear_exchange(folder):
 
 # --- models -----------------------------------------------------------------------------------------------------
 
-def build_stand_ins(folder):
-    """Tiny random-weight Wan2.1 DiT and VAE files (deterministic: every rank builds the same ones)."""
+def build_stand_ins(folder, dit_dim=256, head_std=None):
+    """Tiny random-weight Wan2.1 DiT and VAE files (deterministic: every rank builds the same ones). `head_std`: see
+    tiny_models.tiny_wan_dit_state_dict (training uses dim 128 and 1/sqrt(128), so an adapter can steer it)."""
     import tiny_models
 
-    dit = tiny_models.save_tiny_wan_dit(Path(folder) / "tiny_wan21_dit.safetensors", dim=256, num_layers=2)
+    dit = tiny_models.save_tiny_wan_dit(Path(folder) / "tiny_wan21_dit.safetensors", dim=dit_dim, num_layers=2,
+                                        head_std=head_std)
     vae = tiny_models.save_tiny_wan21_vae(Path(folder) / "tiny_wan21_vae.safetensors", dim=8)
     return dit, vae
 
@@ -331,27 +358,10 @@ def main(argv=None):
         return 2
     if args.stand_ins:
         ranks.say(STAND_IN_BANNER)
-    init_distributed(ranks)
-    try:
-        import comfy_env
-
-        comfy_env.setup()
-        run(args, ranks)
-    except Exception as e:  # one line, non-zero exit, no output file (the writer deletes its unfinished file)
-        import comfy_server
-
-        print(f"upscale failed{f' on rank {ranks.rank}' if ranks.shared else ''}: "
-              f"{comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if ranks.shared:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    if args.stand_ins:
+    status = run_headless(ranks, lambda: run(args, ranks))  # on failure no output file: the writer deletes it
+    if status == 0 and args.stand_ins:
         ranks.say(STAND_IN_BANNER)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

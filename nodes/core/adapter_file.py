@@ -98,16 +98,23 @@ def save_adapter(path, adapter: StateAwareAdapter, context=None, extra_metadata=
                 "config": json.dumps(adapter.config.to_dict(), sort_keys=True),
                 "mode": adapter.config.mode, "rank": str(adapter.config.rank),
                 "backbone": adapter.config.backbone.to_json(), **(extra_metadata or {})})
+    save_atomic(tensors, path, metadata)
+    return path
+
+
+def save_atomic(tensors, path, metadata):
+    """safetensors written to a hidden temporary file in the same folder and renamed: a crash never leaves half a
+    file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=".litevsr-", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)
+        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; other users (a ComfyUI service) must read it
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-    return path
 
 
 def trim_context(context):

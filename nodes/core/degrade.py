@@ -108,6 +108,37 @@ def _heavy():
 PRESETS = {"light": _light(), "standard": DegradationConfig(), "heavy": _heavy()}
 
 
+def with_overrides(config, overrides):
+    """`config` with fields replaced per part, e.g. {"stage1": {"blur_sigma": [0.2, 2.0]}, "final": {...}}; every
+    range of every part can be set. Unknown parts or fields are refused with the valid names."""
+    config = DegradationConfig.preset(config) if isinstance(config, str) else config
+    parts = {}
+    for part, fields in (overrides or {}).items():
+        current = getattr(config, part, None)
+        if part not in ("stage1", "stage2", "final") or not isinstance(fields, dict):
+            raise ValueError(f"degradation overrides: {part!r} is not a part; use stage1, stage2 or final, each "
+                             "mapping field names to values")
+        valid = set(current.__dataclass_fields__)
+        unknown = sorted(set(fields) - valid)
+        if unknown:
+            raise ValueError(f"degradation overrides: unknown {part} field(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(sorted(valid))}")
+        parts[part] = replace(current, **{name: _override_value(part, name, getattr(current, name), value)
+                                          for name, value in fields.items()})
+    return replace(config, **parts)
+
+
+def _override_value(part, name, default, value):
+    if isinstance(default, tuple):
+        fixed_length = name not in ("codecs", "kernel_sizes", "resize_modes")
+        if not isinstance(value, (list, tuple)) or (fixed_length and len(value) != len(default)):
+            raise ValueError(f"degradation overrides: {part}.{name} takes a list like {list(default)}, got {value!r}")
+        return tuple(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"degradation overrides: {part}.{name} takes a number like {default}, got {value!r}")
+    return value
+
+
 # --- blur kernels -------------------------------------------------------------------------------------------------
 
 def _kernel_grid(size):

@@ -1,0 +1,276 @@
+"""Training the State-Aware Adapter on a frozen backbone (pure torch; the model call comes in as a function).
+
+Objective (methods.md §1, ComfyUI's Wan flow convention, sigma = t):
+  z_sigma = sigma * noise + (1 - sigma) * z0           z0: HR latent, noise: N(0, 1)
+  target  v = noise - z0,  prediction v_hat = (z_sigma - x0_hat) / sigma   (the model returns x0_hat)
+  loss    = w(sigma) * mean (v_hat - v)^2,  w = min(sigma^-2, max_loss_weight)   (LiteVSR's sigma^-2, clamped)
+Adaptive trajectory unrolling: the refinement stream starts at the LR latent; M(sigma) - 1 gradient-free model
+calls feed their clean estimates back before the one call that is trained, with
+  M(sigma) = round(1 + s (1 - sigma) / (1 + (s - 1)(1 - sigma)) * (M_max - 1)),  s = 5,
+so training sees the estimates the sampler will show the adapter at inference.
+
+Every random choice of a sample (clip, crop, degradation, noise, sigma) is a pure function of (seed, sample
+index), and sample indices are laid out so that K processes with batch B/K draw the same global batch as one
+process with batch B: resuming, or changing the number of processes, does not change what is trained on.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .degrade import apply_degradation, sample_degradation
+from .frames import resize_frames
+
+TIMESTEP_SAMPLING = ("shifted", "logit_normal", "uniform")
+LOSS_WEIGHTINGS = ("litevsr", "none")
+SIGMA_MIN = 1e-3  # sigma = 0 has no velocity to learn (v_hat divides by sigma)
+TRAIN_STREAM, VALIDATION_STREAM = 0, 1  # seed streams: validation samples never collide with training samples
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 1  # clips per forward pass in each process
+    grad_accumulation: int = 1  # forward passes per optimizer step
+    timestep_sampling: str = "shifted"
+    shift: float = 5.0  # for "shifted": sigma = shift u / (1 + (shift - 1) u), biased toward high noise
+    logit_mean: float = 0.0  # for "logit_normal": sigma = sigmoid(N(mean, std))
+    logit_std: float = 1.0
+    max_unrolls: int = 3  # M_max of the adaptive unrolling schedule; 1 = no feedback unrolls
+    unroll_shift: float = 5.0  # s of the schedule
+    loss_weighting: str = "litevsr"
+    max_loss_weight: float = 100.0  # clamp of sigma^-2 (= a sigma floor of 0.1)
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"unknown timestep sampling {self.timestep_sampling!r}; use one of {TIMESTEP_SAMPLING}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {self.loss_weighting!r}; use one of {LOSS_WEIGHTINGS}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1 or self.max_unrolls < 1:
+            raise ValueError("steps, batch_size, grad_accumulation and max_unrolls must each be at least 1")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# --- the math -----------------------------------------------------------------------------------------------------
+
+def sample_sigma(config, generator, count=1):
+    """Training noise levels in [SIGMA_MIN, 1] from a torch generator."""
+    if config.timestep_sampling == "logit_normal":
+        normal = torch.randn(count, generator=generator, dtype=torch.float64)
+        sigma = torch.sigmoid(config.logit_mean + config.logit_std * normal)
+    else:
+        u = torch.rand(count, generator=generator, dtype=torch.float64)
+        sigma = u if config.timestep_sampling == "uniform" else config.shift * u / (1 + (config.shift - 1) * u)
+    return sigma.clamp(SIGMA_MIN, 1.0).float()
+
+
+def unroll_count(sigma, max_unrolls, s=5.0):
+    """M(sigma) of the adaptive unrolling schedule: 1 model call near pure noise, up to max_unrolls near clean."""
+    progress = 1.0 - sigma.double()
+    shaped = s * progress / (1 + (s - 1) * progress)
+    return torch.round(1 + shaped * (max_unrolls - 1)).long()
+
+
+def loss_weight(sigma, config):
+    if config.loss_weighting == "none":
+        return torch.ones_like(sigma)
+    return sigma.pow(-2).clamp(max=config.max_loss_weight)
+
+
+def _per_sample(sigma, like):
+    return sigma.to(like).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def velocity_loss(denoise, hr_latent, lr_latent, noise, sigma, config):
+    """Weighted velocity error per sample `[B]`; gradients reach the adapter through the last model call only."""
+    s = _per_sample(sigma, hr_latent)
+    noisy = s * noise + (1 - s) * hr_latent
+    calls = unroll_count(sigma, config.max_unrolls, config.unroll_shift)
+    estimate = lr_latent
+    with torch.no_grad():
+        for k in range(int(calls.max()) - 1):
+            fed_back = denoise(noisy, sigma, lr_latent, estimate)
+            keep_going = (k < calls - 1).to(hr_latent.device).reshape(-1, *([1] * (hr_latent.ndim - 1)))
+            estimate = torch.where(keep_going, fed_back.to(estimate.dtype), estimate)
+    predicted = denoise(noisy, sigma, lr_latent, estimate).float()
+    velocity_error = (noisy - predicted) / s - (noise - hr_latent)
+    return loss_weight(sigma, config).to(velocity_error.device) * velocity_error.pow(2).flatten(1).mean(dim=1)
+
+
+# --- samples ------------------------------------------------------------------------------------------------------
+
+def sample_rng(seed, stream, index):
+    return np.random.default_rng([seed, stream, index])
+
+
+def global_indices(step, accumulation_index, config, rank=0, world=1):
+    """Sample indices of one forward pass: the global batch of a step is contiguous, ranks take consecutive runs.
+    One process with batch B and K processes with batch B / K therefore cover the same indices."""
+    per_pass = config.batch_size * world
+    first = (step * config.grad_accumulation + accumulation_index) * per_pass + rank * config.batch_size
+    return list(range(first, first + config.batch_size))
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    hr_latent: torch.Tensor  # [1, C, T, h, w]
+    lr_latent: torch.Tensor
+    noise: torch.Tensor
+    sigma: torch.Tensor  # [1]
+
+
+class PairMaker:
+    """HR clip -> degraded LR clip -> bicubic back to HR size -> both VAE-encoded, from (seed, stream, index).
+
+    `encode(frames [T, H, W, 3]) -> latent [1, C, t, h, w]` in the model's latent space is supplied by the caller
+    (the VAE lives in ComfyUI)."""
+
+    def __init__(self, dataset, degradation, scale, encode, config):
+        self.dataset, self.degradation, self.scale = dataset, degradation, scale
+        self.encode, self.config = encode, config
+
+    def frames(self, stream, index):
+        rng = sample_rng(self.config.seed, stream, index)
+        clip_rng = np.random.default_rng(rng.integers(2**63))
+        degradation_seed = int(rng.integers(2**63))
+        hr = self.dataset.sample(clip_rng)
+        lr = apply_degradation(hr, self.scale, sample_degradation(self.degradation, degradation_seed))
+        return hr, lr, rng
+
+    def sample(self, stream, index, sigma=None):
+        hr, lr, rng = self.frames(stream, index)
+        with torch.no_grad():
+            hr_latent = self.encode(hr)
+            lr_latent = self.encode(resize_frames(lr, *hr.shape[1:3]))
+        generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        noise = torch.randn(hr_latent.shape, generator=generator, dtype=torch.float32)
+        sigma = sample_sigma(self.config, generator) if sigma is None else torch.tensor([float(sigma)])
+        return TrainingSample(hr_latent.float(), lr_latent.float(), noise, sigma)
+
+    def batch(self, indices, stream=TRAIN_STREAM):
+        samples = [self.sample(stream, index) for index in indices]
+        return TrainingSample(*(torch.cat([getattr(s, name) for s in samples])
+                                for name in ("hr_latent", "lr_latent", "noise", "sigma")))
+
+
+VALIDATION_SIGMAS = (0.25, 0.5, 0.75, 1.0)
+
+
+def validation_set(pairs, clips):
+    """Fixed held-out samples: `clips` clips from the validation stream, each at every sigma of VALIDATION_SIGMAS."""
+    return [pairs.sample(VALIDATION_STREAM, clip, sigma) for clip in range(clips) for sigma in VALIDATION_SIGMAS]
+
+
+def validation_loss(denoise, samples, config, device):
+    with torch.no_grad():
+        losses = [velocity_loss(denoise, s.hr_latent.to(device), s.lr_latent.to(device), s.noise.to(device),
+                                s.sigma, config) for s in samples]
+    return float(torch.cat(losses).mean())
+
+
+# --- the optimizer loop -------------------------------------------------------------------------------------------
+
+class World:
+    """This process's place in a data-parallel group; gradients are averaged over it (gloo or nccl)."""
+
+    def __init__(self, rank=0, size=1):
+        self.rank, self.size = rank, size
+
+    def sum_(self, tensors):
+        """In-place sum over the group of same-device tensors."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.all_reduce(flat)
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+class AdapterTrainer:
+    """AdamW on the adapter's parameters; one `step()` is one optimizer step over the global batch."""
+
+    def __init__(self, adapter, denoise, pairs, config, device="cpu", world=None, autocast_dtype=None):
+        self.adapter, self.denoise, self.pairs, self.config = adapter, denoise, pairs, config
+        self.device, self.world, self.autocast_dtype = torch.device(device), world or World(), autocast_dtype
+        adapter.requires_grad_(True)
+        self.parameters = [p for p in adapter.parameters()]
+        for p in self.parameters:  # every parameter has a gradient tensor, so all processes reduce the same list
+            p.grad = torch.zeros_like(p)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        # fp16 needs loss scaling; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=autocast_dtype == torch.float16)
+        self.step_count = 0
+        self.losses = []  # global mean training loss of every optimizer step
+
+    def _forward(self, batch):
+        move = (lambda t: t.to(self.device))
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return velocity_loss(self.denoise, move(batch.hr_latent), move(batch.lr_latent), move(batch.noise),
+                                 batch.sigma, self.config)
+
+    def step(self):
+        config, world = self.config, self.world
+        global_count = config.batch_size * config.grad_accumulation * world.size
+        self.optimizer.zero_grad(set_to_none=False)
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        for accumulation in range(config.grad_accumulation):
+            indices = global_indices(self.step_count, accumulation, config, world.rank, world.size)
+            per_sample = self._forward(self.pairs.batch(indices))
+            self.scaler.scale(per_sample.sum() / global_count).backward()
+            loss_sum += per_sample.detach().double().sum().cpu()
+        world.sum_([p.grad for p in self.parameters])
+        loss_sum = loss_sum.to(self.parameters[0].device)
+        world.sum_([loss_sum])
+        loss = float(loss_sum) / global_count
+        if not math.isfinite(loss):  # before the update, so the last checkpoint and the weights stay usable
+            raise FloatingPointError(f"training loss became {loss} at step {self.step_count}: lower the learning "
+                                     "rate, or train in bf16/fp32 instead of fp16")
+        self.scaler.unscale_(self.optimizer)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step_count += 1
+        self.losses.append(loss)
+        return loss
+
+    # -- state for checkpoints: plain tensors and JSON-able values, never pickled objects
+    def state_tensors(self):
+        tensors = {}
+        state = self.optimizer.state_dict()["state"]
+        for index, slots in state.items():
+            for name, value in slots.items():
+                tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().clone()
+        tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        return tensors
+
+    def state_metadata(self):
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.state_dict()["param_groups"]]
+        return {"step": self.step_count, "param_groups": groups, "loss_scale": self.scaler.get_scale()
+                if self.scaler.is_enabled() else None}
+
+    def load_state(self, tensors, metadata):
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        groups = self.optimizer.state_dict()["param_groups"]
+        for group, saved in zip(groups, metadata["param_groups"]):
+            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if metadata.get("loss_scale") and self.scaler.is_enabled():
+            self.scaler.update(float(metadata["loss_scale"]))
+        self.step_count = int(metadata["step"])
+        self.losses = [float(v) for v in tensors["losses"]]

@@ -1,0 +1,179 @@
+"""ComfyUI side of adapter training: the frozen MODEL and VAE become the core trainer's model call and encoder, and
+one run loop (resume, checkpoints, validation, progress, interrupts) serves the Train node and tools/train.py.
+
+ComfyUI executes every node under torch.inference_mode(), and weights loaded by an upstream loader are inference
+tensors that autograd refuses to save for backward (comfyui-integration.md §4). The run therefore happens inside
+inference_mode(False), the frozen weights that are inference tensors are swapped for ordinary clones of the same
+values (the backbone stays frozen: requires_grad False, values untouched), and the adapter is rebuilt there.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from .backbone import attach_adapter, backbone_signature, make_denoiser
+from .core.adapter import StateAwareAdapter
+from .core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .core.geometry import TEXT_TOKENS, frames_on_grid
+from .core.training import AdapterTrainer, PairMaker, World, validation_loss, validation_set
+from .pipeline import lr_encoder
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def thaw_inference_tensors(module):
+    """Replaces inference-mode parameters/buffers with ordinary clones (same values); returns how many."""
+    parameters = dict(module.named_parameters())
+    thawed = 0
+    for name, tensor in list(parameters.items()) + list(module.named_buffers()):
+        if tensor.is_inference():
+            if name in parameters:
+                comfy.utils.set_attr_param(module, name, tensor.clone())
+            else:
+                comfy.utils.set_attr(module, name, tensor.clone())
+            thawed += 1
+    return thawed
+
+
+def autocast_dtype(device, precision):
+    """None (fp32) on the CPU; bf16 where the GPU has it, fp16 otherwise, unless a precision is forced."""
+    if device.type == "cpu" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_clip_geometry(dataset, scale, signature):
+    grid = signature.grid_px
+    height, width = dataset.crop_height, dataset.crop_width
+    if height % grid or width % grid:
+        raise ValueError(f"training crop {width}x{height} must be a multiple of {grid} px for the {signature.family} "
+                         f"backbone (one DiT token covers {grid} px); e.g. {width - width % grid or grid}x"
+                         f"{height - height % grid or grid}")
+    if height % scale or width % scale:
+        raise ValueError(f"training crop {width}x{height} must be divisible by the degradation scale {scale}")
+    if frames_on_grid(dataset.clip_frames) != dataset.clip_frames:
+        raise ValueError(f"clip_frames must be 4n+1, got {dataset.clip_frames}")
+
+
+@dataclass
+class RunSettings:
+    checkpoint_dir: str = None  # None: no checkpoints (and no resume)
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    resume: bool = False
+    validation_every: int = 0  # 0: validate only before and after
+    validation_clips: int = 1
+    gradient_checkpointing: bool = False
+    precision: str = "auto"
+    run_metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    model: object  # the MODEL with the trained adapter attached (the patcher training ran on: no second copy)
+    adapter: StateAwareAdapter
+    context: torch.Tensor
+    losses: list  # training loss per optimizer step, from step 1 (a resumed run includes the earlier steps)
+    validation: list  # (step, held-out validation loss)
+    resumed_from: int = None
+
+
+class Hooks:
+    """What the caller wants to hear about; the node reports progress/previews and honours interrupts here."""
+
+    def on_step(self, step, total, loss):
+        pass
+
+    def on_validation(self, step, loss, denoise, samples):
+        pass
+
+    def check_interrupt(self):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def _starting_point(adapter, context, settings, signature, steps):
+    """(adapter copy, context, checkpoint state or None): resume from the newest checkpoint when asked and present."""
+    step = latest_checkpoint(settings.checkpoint_dir) if settings.checkpoint_dir else None
+    if step is not None and not settings.resume:
+        raise ValueError(f"{settings.checkpoint_dir} already holds checkpoints up to step {step}: turn on resume to "
+                         "continue that run, or choose another run name (a new run there would mix with them)")
+    if step is not None and step > steps:
+        raise ValueError(f"the newest checkpoint in {settings.checkpoint_dir} is at step {step}, past the {steps} "
+                         f"steps asked for: set steps to at least {step}")
+    if step is not None:
+        saved, saved_context, tensors, trainer_state, _ = load_checkpoint(settings.checkpoint_dir, step, signature)
+        return saved, saved_context if saved_context is not None else context, (step, tensors, trainer_state)
+    fresh = StateAwareAdapter(adapter.config)
+    fresh.load_state_dict({name: value.clone() for name, value in adapter.state_dict().items()})
+    return fresh, context, None
+
+
+def train_adapter(model, vae, dataset, degradation, scale, config, adapter, context=None, settings=None,
+                  validation_dataset=None, world=None, hooks=None):
+    """Trains a copy of `adapter` on the frozen `model`; returns a RunResult. Only the adapter's tensors change."""
+    settings, world, hooks = settings or RunSettings(), world or World(), hooks or Hooks()
+    signature = backbone_signature(model)
+    check_clip_geometry(dataset, scale, signature)
+    with torch.inference_mode(False), torch.enable_grad():
+        if context is None:
+            context = torch.zeros(1, TEXT_TOKENS, signature.text_dim)
+        adapter, context, resume_state = _starting_point(adapter, context.clone(), settings, signature,
+                                                              config.steps)
+        context = context.clone()
+        patched = attach_adapter(model, adapter, context)
+        patched.model.requires_grad_(False)
+        denoise = make_denoiser(patched, gradient_checkpointing=settings.gradient_checkpointing)
+        thaw_inference_tensors(patched.model)
+        device = patched.load_device
+        vae_encode = lr_encoder(vae, model)
+        resident = [patched] + patched.get_nested_additional_models()
+
+        def encode(frames):
+            latent = vae_encode(frames)
+            comfy.model_management.load_models_gpu(resident)  # the VAE may have pushed the DiT out of VRAM
+            return latent
+
+        pairs = PairMaker(dataset, degradation, scale, encode, config)
+        trainer = AdapterTrainer(adapter, denoise, pairs, config, device, world,
+                                 autocast_dtype(torch.device(device), settings.precision))
+        if resume_state is not None:
+            trainer.load_state(resume_state[1], resume_state[2])
+        validation = PairMaker(validation_dataset or dataset, degradation, scale, encode, config)
+        samples = validation_set(validation, settings.validation_clips)
+        history = []
+
+        def validate():
+            loss = validation_loss(denoise, samples, config, device)
+            history.append((trainer.step_count, loss))
+            hooks.on_validation(trainer.step_count, loss, denoise, samples)
+
+        def checkpoint():
+            if settings.checkpoint_dir and world.rank == 0:
+                save_checkpoint(settings.checkpoint_dir, trainer, context, settings.run_metadata,
+                                settings.keep_checkpoints)
+
+        validate()
+        while trainer.step_count < config.steps:
+            loss = trainer.step()
+            step = trainer.step_count
+            last = step == config.steps
+            if last or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
+                checkpoint()
+            try:
+                hooks.on_step(step, config.steps, loss)
+                hooks.check_interrupt()
+            except BaseException:  # interrupted: keep every finished step, so resume loses nothing
+                checkpoint()
+                raise
+            if not last and settings.validation_every and step % settings.validation_every == 0:
+                validate()
+        validate()
+        adapter.requires_grad_(False)
+        for parameter in adapter.parameters():
+            parameter.grad = None
+        return RunResult(patched, adapter, context, list(trainer.losses), history,
+                         resume_state[0] if resume_state is not None else None)

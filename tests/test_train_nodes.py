@@ -1,0 +1,56 @@
+"""The training nodes' own contracts, called in-process as ComfyUI calls them (under inference mode)."""
+import pytest
+import torch
+
+import folder_paths
+from comfyui_litevsr.nodes.core.adapter_file import read_adapter_config
+from comfyui_litevsr.nodes.core.degrade import degrade_clip, with_overrides
+from comfyui_litevsr.nodes.model_nodes import new_adapter
+from comfyui_litevsr.nodes.backbone import backbone_signature
+from comfyui_litevsr.nodes.train_nodes import LiteVSRDegradation, LiteVSRSaveAdapter, LiteVSRVideoDataset
+
+
+def run(node, *args):
+    with torch.inference_mode():
+        return node.execute(*args).result
+
+
+def test_degradation_node_applies_overrides_and_previews_reproducibly():
+    frames = torch.rand(5, 32, 48, 3, generator=torch.Generator().manual_seed(0))
+    overrides = '{"stage1": {"noise_prob": 0.0}, "final": {"codec_prob": 0.0}}'
+    degradation, preview = run(LiteVSRDegradation, "heavy", 4, overrides, frames, 7)
+    assert degradation["scale"] == 4
+    assert degradation["config"] == with_overrides("heavy", {"stage1": {"noise_prob": 0.0},
+                                                             "final": {"codec_prob": 0.0}})
+    assert preview.shape == (5, 8, 12, 3)
+    expected, _ = degrade_clip(frames, 4, degradation["config"], 7)
+    assert torch.equal(preview, expected)
+    assert run(LiteVSRDegradation, "light", 2, "", None, 0)[1] is None
+
+
+def test_degradation_node_names_bad_json():
+    with pytest.raises(ValueError, match="not valid JSON"):
+        run(LiteVSRDegradation, "standard", 4, "{stage1: 1}", None, 0)
+
+
+def test_dataset_node_resolves_relative_folders_against_input(tmp_path, test_clip, monkeypatch):
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / test_clip.name).write_bytes(test_clip.read_bytes())
+    (dataset,) = run(LiteVSRVideoDataset, "clips", 5, 32, 32, 1, 0)
+    assert [info.path.parent for info in dataset.videos] == [tmp_path / "clips"]
+    assert dataset.sample(0).shape == (5, 32, 32, 3)
+    with pytest.raises(ValueError, match="give the folder"):
+        run(LiteVSRVideoDataset, "  ", 5, 32, 32, 1, 0)
+
+
+def test_save_node_counts_up_and_writes_a_loadable_adapter(tmp_path, monkeypatch, tiny_dit):
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "litevsr", ([str(tmp_path)], {".safetensors"}))
+    adapter = {"adapter": new_adapter(backbone_signature(tiny_dit), "direct", 4), "context": None,
+               "metadata": {"train_steps": "3"}}
+    assert run(LiteVSRSaveAdapter, adapter, "runs/mine") == ("runs/mine_00001.safetensors",)
+    assert run(LiteVSRSaveAdapter, adapter, "runs/mine") == ("runs/mine_00002.safetensors",)
+    config, metadata = read_adapter_config(str(tmp_path / "runs" / "mine_00002.safetensors"))
+    assert config.rank == 4 and metadata["train_steps"] == "3"
+    with pytest.raises(ValueError, match="filename_prefix"):
+        run(LiteVSRSaveAdapter, adapter, "../escape")
