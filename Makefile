@@ -2,6 +2,9 @@
 # by tools/bootstrap_env.sh into ~/.cache/comfyui-litevsr and linked here as .venv and .comfyui.
 #
 #   make test                      the whole test suite (unit, in-process ComfyUI, real headless server)
+#   make test-browser              only the browser test: the examples in ComfyUI's front end in headless Chromium
+#                                  (needs chromium + chromedriver: apt-get install chromium chromium-driver; skipped
+#                                  with the reason otherwise); LITEVSR_UPDATE_SCREENSHOTS=1 rewrites docs/images/*.png
 #   make demo [INPUT=clip.mp4] [OUTPUT=output/demo.mp4] [SCALE=4] [STEPS=1] [ADAPTER=...] [MODELS_DIR=...] [STREAM=1]
 #                                  STREAM=1: the long-video example (streaming node, file to file) instead
 #   make serve [PORT=8188] [MODELS_DIR=...]   the same ComfyUI with the pack, for a browser
@@ -16,6 +19,10 @@
 #                                  NPROC > 1: data-parallel torchrun processes, global batch = --batch-size (per
 #                                  process, TRAIN_ARGS) x --grad-accumulation x NPROC
 #   make bench [FULL=1] [BENCH_ARGS=...]   benchmarks -> bench/results/latest.json (bench/run.py); quick by default
+#   make models MODELS_DIR=... [DOWNLOAD=1] [ONLY=name,...]   which supported model files (weights/models.json) are
+#                                  in MODELS_DIR, which are missing and where each goes (tools/models.py); DOWNLOAD=1
+#                                  fetches the missing ones (default: Wan2.1 T2V 1.3B + its VAE; ONLY=ids, family
+#                                  ids or all), resumable and SHA-256 verified before it gets its final name
 #
 # Without MODELS_DIR (a folder holding diffusion_models/, vae/, litevsr/), demo and serve use tiny
 # random-weight Wan stand-ins: the output only demonstrates the pipeline. So do `make upscale` and `make train`
@@ -44,19 +51,24 @@ OUT      ?=
 RESUME   ?=
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
+DOWNLOAD ?=
+ONLY     ?=
 # `make upscale` writes output/upscaled.mp4 unless OUTPUT is given (OUTPUT's default belongs to `make demo`)
 UPSCALE_OUTPUT = $(if $(filter command line environment,$(origin OUTPUT)),$(OUTPUT),output/upscaled.mp4)
 TORCHRUN_LAUNCH = $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 # STEPS defaults to 1 for sampling; `make train` takes only a STEPS that was given
 TRAIN_STEPS = $(if $(filter command line environment,$(origin STEPS)),$(STEPS),)
 
-.PHONY: env test demo serve upscale train bench clean
+.PHONY: env test test-browser demo serve upscale train bench models clean
 
 env:
 	@bash tools/bootstrap_env.sh
 
 test: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests $(PYTEST_FLAGS)
+
+test-browser: env
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests/test_browser.py $(PYTEST_FLAGS)
 
 demo: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/demo.py demo --input "$(INPUT)" --output "$(OUTPUT)" \
@@ -81,6 +93,11 @@ train: env
 
 bench: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) bench/run.py $(if $(filter-out 0,$(FULL)),--stream-size 160x68) $(BENCH_ARGS)
+
+models: env
+	@test -n "$(MODELS_DIR)" || { echo "make models needs MODELS_DIR=folder (diffusion_models/, vae/, text_encoders/, litevsr/ under it)" >&2; exit 2; }
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/models.py --models-dir "$(MODELS_DIR)" \
+		$(if $(filter-out 0,$(DOWNLOAD)),--download) $(if $(ONLY),--only "$(ONLY)")
 
 clean:
 	rm -rf output .serve

@@ -7,6 +7,7 @@ from .core.colour import METHODS, correct_colour
 from .core.decode import tile_count, tiled_decode
 from .core.frames import crop_to
 from .latents import vsr_info
+from .progress import Eta, send_progress
 
 
 class LiteVSRTiledDecode(io.ComfyNode):
@@ -32,6 +33,7 @@ class LiteVSRTiledDecode(io.ComfyNode):
                                      "overlap hides seams better at the cost of extra decoding."),
             ],
             outputs=[io.Image.Output(tooltip="The decoded frames at the exact upscaled size.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -40,9 +42,12 @@ class LiteVSRTiledDecode(io.ComfyNode):
         samples = latent["samples"]
         stride = vae.spacial_compression_decode()
         progress = comfy.utils.ProgressBar(tile_count(*samples.shape[-2:], stride, tile_size, overlap))
+        node_id, eta = getattr(cls.hidden, "unique_id", None), Eta(0)
+        settings = {"decode_tile": tile_size, "decode_overlap": overlap}
 
         def on_tile(done, total):
             progress.update_absolute(done, total)
+            send_progress(node_id, "decode", done, total, eta(done, total), settings)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         frames = tiled_decode(samples, lambda tile: vae.decode(tile)[0], stride, tile_size, overlap, on_tile)

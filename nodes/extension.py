@@ -1,7 +1,9 @@
 """Registers the pack's nodes with ComfyUI (V3 extension API)."""
 from comfy_api.latest import ComfyExtension, io
 
+from .compare_nodes import LiteVSRCompare
 from .decode_nodes import LiteVSRColorCorrect, LiteVSRTiledDecode
+from .model_check_nodes import LiteVSRCheckModels
 from .model_nodes import LiteVSRAttachAdapter
 from .sample_nodes import LiteVSRSampler
 from .stream_nodes import LiteVSRUpscaleVideoFile
@@ -13,4 +15,4 @@ class LiteVSRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LiteVSRAttachAdapter, LiteVSREncodeVideo, LiteVSRSampler, LiteVSRTiledDecode, LiteVSRColorCorrect,
                 LiteVSRUpscaleVideoFile, LiteVSRVideoDataset, LiteVSRDegradation, LiteVSRTrainAdapter,
-                LiteVSRSaveAdapter]
+                LiteVSRSaveAdapter, LiteVSRCheckModels, LiteVSRCompare]

@@ -19,8 +19,19 @@ def grid_px(vae):
     return vae.spacial_compression_encode() * WAN_PATCH[1]
 
 
+def check_vae(vae, model):
+    """Refuses a VAE whose latents the DiT cannot take (a Wan2.1 VAE with Wan2.2 TI2V-5B, or the reverse)."""
+    signature = backbone_signature(model)
+    channels = getattr(vae, "latent_channels", signature.latent_channels)
+    if channels != signature.latent_channels:
+        raise ValueError(f"The VAE makes {channels}-channel latents but the {signature.family} DiT expects "
+                         f"{signature.latent_channels}: load the VAE that matches the model (Wan2.1 VAE for Wan2.1, "
+                         "Wan2.2 VAE for TI2V-5B).")
+
+
 def lr_encoder(vae, model):
     """Padded pixel frames -> LR latent in the model's space (Wan latent normalisation applied)."""
+    check_vae(vae, model)
     base = model.model
     return lambda pixels: base.process_latent_in(vae.encode(pixels).float())
 

@@ -7,6 +7,7 @@ from .backbone import backbone_signature
 from .core.sampling import START_MODES, flow_sigmas, sample_vsr, video_noise
 from .latents import vsr_info
 from .pipeline import dit_denoiser, dit_tiles
+from .progress import Eta, send_progress
 
 
 def sampling_inputs():
@@ -49,6 +50,7 @@ class LiteVSRSampler(io.ComfyNode):
                              tooltip="Overlap of neighbouring DiT tiles in output pixels; 0: 1/8 of the tile."),
             ],
             outputs=[io.Latent.Output(tooltip="The upscaled video latent, for 'Tiled Decode (LiteVSR)'.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -71,9 +73,14 @@ class LiteVSRSampler(io.ComfyNode):
         tile, overlap = dit_tiles(model, tile_size, tile_overlap, lr_latent.shape[-2:])
         denoise = dit_denoiser(model, tile, overlap)
         device = model.load_device
+        node_id, eta, stride = getattr(cls.hidden, "unique_id", None), Eta(0), signature.vae_stride
+        settings = {"steps": steps, "start": start, "dit_tile": [tile[1] * stride, tile[0] * stride],
+                    "dit_overlap": [overlap[1] * stride, overlap[0] * stride],
+                    "dit_tiled": tile[0] < lr_latent.shape[-2] or tile[1] < lr_latent.shape[-1]}
 
         def on_step(done, total):
             progress.update_absolute(done, total)
+            send_progress(node_id, "sampling", done, total, eta(done, total), settings)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         clean = sample_vsr(denoise, lr_latent.to(device), noise.to(device), sigmas, start, on_step)

@@ -9,13 +9,16 @@ import folder_paths
 from comfy_api.latest import InputImpl, io, ui
 
 from .backbone import backbone_signature
+from .compare_nodes import UI_KEY as COMPARE_UI_KEY
+from .compare_nodes import save_compare
 from .core.colour import METHODS
 from .core.sampling import flow_sigmas
 from .core.stream import VSRPipeline, upscale_chunks
 from .core.temporal import DEFAULT_CUT_THRESHOLD, SceneCutDetector, chunk_plan
 from .core.video_io import VideoReader, VideoWriter
-from .pipeline import dit_denoiser, grid_px, hr_decoder, lr_encoder
+from .pipeline import check_vae, dit_denoiser, grid_px, hr_decoder, lr_encoder
 from .planner import decode_overlap, dit_overlap, plan_for_video, retrying
+from .progress import Eta, send_progress
 from .sample_nodes import sampling_inputs
 
 log = logging.getLogger("LiteVSR")
@@ -31,14 +34,28 @@ def source_path(video):
     return source
 
 
-def scene_cuts(reader, threshold):
-    """A cheap first pass over the video for hard cuts (0 disables detection)."""
+def check_output_prefix(filename_prefix):
+    """Refuses, before any work, a filename_prefix that leads out of the output folder ('..', absolute paths);
+    ComfyUI's get_save_image_path would refuse it too, but only at the end and without saying what to do."""
+    output = os.path.abspath(folder_paths.get_output_directory())
+    target = os.path.abspath(os.path.join(output, os.path.dirname(os.path.normpath(filename_prefix))))
+    if os.path.commonpath((output, target)) != output:
+        raise ValueError(f"filename_prefix {filename_prefix!r} leads outside ComfyUI's output folder: give a name "
+                         "inside it, without '..' or a leading '/' (e.g. LiteVSR/upscaled)")
+
+
+def scene_cuts(reader, threshold, on_frames=None):
+    """A cheap first pass over the video for hard cuts (0 disables detection); `on_frames(done, total)` after each
+    batch of frames read."""
     if threshold <= 0:
         return []
     detector = SceneCutDetector(threshold)
-    cuts = []
+    cuts, done = [], 0
     for frames in reader.chunks(64):
         cuts += detector.cut_points(frames)
+        done += len(frames)
+        if on_frames is not None:
+            on_frames(done, reader.frame_count)
         comfy.model_management.throw_exception_if_processing_interrupted()
     return cuts
 
@@ -49,19 +66,73 @@ def stream_overlap(settings, num_frames, overlap_frames):
     return 0 if settings.chunk_frames >= num_frames else overlap_frames
 
 
-class ChunkProgress:
-    """ProgressBar per chunk, and a log line with the ETA."""
+def plan_summary(sizes, overlap, chunks=None, cuts=None):
+    """The settings the run uses, for the front end's status line (`litevsr.progress` "plan")."""
+    stride = sizes.signature.vae_stride
+    tile_h, tile_w = sizes.decode_tile_hw_px
+    summary = {"width": sizes.out_w, "height": sizes.out_h, "frames": sizes.num_frames,
+               "chunk_frames": min(sizes.chunk_frames, sizes.num_frames), "overlap_frames": overlap,
+               "dit_tile": [sizes.dit_tile[1] * stride, sizes.dit_tile[0] * stride], "dit_tiled": sizes.dit_tiled,
+               "decode_tile": sizes.decode_tile, "decode_tiled": sizes.decode_tiled,
+               "decode_tile_hw": [tile_w, tile_h], "auto": list(sizes.auto), "warnings": list(sizes.warnings)}
+    if chunks is not None:
+        summary["chunks"] = chunks
+    if cuts is not None:
+        summary["scene_cuts"] = len(cuts)
+    return summary
 
-    def __init__(self, total):
+
+class ChunkProgress:
+    """ProgressBar per chunk, a log line with the ETA, and a `litevsr.progress` event with the ETA and the
+    settings in use (`summary()`) for the front end."""
+
+    def __init__(self, total, node_id=None, summary=dict):
         self.bar = comfy.utils.ProgressBar(total)
         self.started = time.monotonic()
+        self.eta = Eta(0)
+        self.node_id, self.summary = node_id, summary
+        send_progress(node_id, "chunk", 0, total, None, summary())
 
     def __call__(self, done, total):
         self.bar.update_absolute(done, total)
-        elapsed = time.monotonic() - self.started
-        log.info("LiteVSR: chunk %d/%d done, %.0f s elapsed, about %.0f s left", done, total, elapsed,
-                 elapsed / done * (total - done))
+        eta = self.eta(done, total)
+        log.info("LiteVSR: chunk %d/%d done, %.0f s elapsed, about %.0f s left", done, total,
+                 time.monotonic() - self.started, eta)
+        send_progress(self.node_id, "chunk", done, total, eta, self.summary())
         comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+class MiddleFrame:
+    """Keeps the LR and the finished HR frame at video position `index` while frames stream past (for the
+    before/after comparison), without holding anything else."""
+
+    def __init__(self, index):
+        self.index, self.written = index, 0
+        self.before = self.after = None
+
+    def lr_chunks(self, plan, chunk_frames):
+        for chunk, frames in zip(plan, chunk_frames):
+            if self.before is None and chunk.start <= self.index < chunk.stop:
+                self.before = frames[self.index - chunk.start].clone()
+            yield frames
+
+    def writing(self, write):
+        def write_and_keep(frames):
+            if self.after is None and self.written <= self.index < self.written + len(frames):
+                self.after = frames[self.index - self.written].detach().to("cpu", copy=True)
+            write(frames)
+            self.written += len(frames)
+        return write_and_keep
+
+    def ui_entry(self):
+        """The `litevsr_compare` entry, or None when a frame is missing or the temp folder cannot be written."""
+        if self.before is None or self.after is None:
+            return None
+        try:
+            return save_compare(self.before, self.after, self.index)
+        except OSError as error:
+            log.warning("LiteVSR: could not save the before/after comparison: %s", error)
+            return None
 
 
 class LiteVSRUpscaleVideoFile(io.ComfyNode):
@@ -108,6 +179,7 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
                                      "lossless for most content."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Full path of the written video file.")],
+            hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
@@ -115,15 +187,20 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
     def execute(cls, model, vae, video, filename_prefix, scale, seed, steps, shift, start, start_sigma,
                 chunk_frames, overlap_frames, scene_cut_threshold, dit_tile, decode_tile, colour,
                 crf) -> io.NodeOutput:
+        node_id = getattr(cls.hidden, "unique_id", None)
+        check_output_prefix(filename_prefix)
         source = source_path(video)
         reader = VideoReader(source)
         signature = backbone_signature(model)
+        check_vae(vae, model)
         out_h, out_w = scale * reader.height, scale * reader.width
         settings = plan_for_video(model, signature, reader.frame_count, out_h, out_w, chunk_frames, dit_tile,
                                   decode_tile, overlap_frames)
         (log.warning if settings.warnings else log.info)("%s", settings.describe())
         overlap = stream_overlap(settings, reader.frame_count, overlap_frames)
-        cuts = scene_cuts(reader, scene_cut_threshold)
+        scan_eta = Eta(0)
+        cuts = scene_cuts(reader, scene_cut_threshold, lambda done, total: send_progress(
+            node_id, "scene_cuts", done, total, scan_eta(done, total), plan_summary(settings, overlap)))
         plan = chunk_plan(reader.frame_count, settings.chunk_frames, overlap, cuts)
         log.info("LiteVSR: %d frames at %s fps in %d chunk(s), overlap %d frames, %d scene cut(s)%s%s",
                  reader.frame_count, float(reader.fps), len(plan), overlap, len(cuts),
@@ -131,7 +208,10 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
                  ", with audio" if reader.has_audio else ", no audio")
         sigmas = flow_sigmas(steps, shift, 1.0 if start == "noise" else start_sigma)
 
+        in_use = {"sizes": settings}  # the sizes of the last chunk (an out-of-memory retry shrinks them)
+
         def pipeline_for(sizes):
+            in_use["sizes"] = sizes
             return VSRPipeline(lr_encoder(vae, model), dit_denoiser(model, sizes.dit_tile, dit_overlap(sizes)),
                                hr_decoder(vae, model, sizes.decode_tile, decode_overlap(sizes)), grid_px(vae),
                                scale, sigmas, start, seed, colour).process
@@ -140,8 +220,14 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
             filename_prefix, folder_paths.get_output_directory(), out_w, out_h)
         file = f"{name}_{counter:05}_.mp4"
         path = os.path.join(folder, file)
+        middle = MiddleFrame(reader.frame_count // 2)
+        progress = ChunkProgress(len(plan), node_id, lambda: plan_summary(in_use["sizes"], overlap, len(plan), cuts))
         with VideoWriter(path, reader.fps, out_w, out_h, audio_from=source if reader.has_audio else None,
                          crf=crf) as writer:
-            upscale_chunks(plan, reader.ranges([(chunk.start, chunk.stop) for chunk in plan]),
-                           retrying(pipeline_for, settings), writer.write, on_chunk=ChunkProgress(len(plan)))
-        return io.NodeOutput(path, ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
+            upscale_chunks(plan, middle.lr_chunks(plan, reader.ranges([(chunk.start, chunk.stop) for chunk in plan])),
+                           retrying(pipeline_for, settings), middle.writing(writer.write), on_chunk=progress)
+        shown = ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]).as_dict()
+        compare = middle.ui_entry()
+        if compare is not None:
+            shown[COMPARE_UI_KEY] = [compare]
+        return io.NodeOutput(path, ui=shown)

@@ -19,6 +19,7 @@ from .core.sampling import flow_sigmas, sample_vsr
 from .core.training import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, TrainConfig
 from .extension_paths import ADAPTER_FOLDER
 from .model_nodes import adapter_choice_inputs, adapter_from_choice
+from .progress import Eta, send_progress
 from .trainer import PRECISIONS, Hooks, RunSettings, train_adapter
 
 DATASET = io.Custom("LITEVSR_DATASET")
@@ -34,7 +35,14 @@ def resolve_folder(folder):
     if not folder:
         raise ValueError("Video Dataset (LiteVSR): give the folder of HR training videos (absolute, or relative to "
                          "ComfyUI's input folder)")
-    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+    if os.path.isabs(folder):  # by design: the folder is only read, and training data often lives elsewhere
+        return folder
+    inputs = os.path.abspath(folder_paths.get_input_directory())
+    resolved = os.path.abspath(os.path.join(inputs, folder))
+    if os.path.commonpath((inputs, resolved)) != inputs:
+        raise ValueError(f"Video Dataset (LiteVSR): the relative folder {folder!r} leads out of ComfyUI's input "
+                         "folder; give a folder inside input/, or the folder's absolute path")
+    return resolved
 
 
 class LiteVSRVideoDataset(io.ComfyNode):
@@ -124,9 +132,12 @@ class LiteVSRDegradation(io.ComfyNode):
 class _ProgressHooks(Hooks):
     """Progress bar with the loss as text, and a preview (LR | output | HR, middle frame) at each validation."""
 
-    def __init__(self, steps, node_id, model, vae, shift):
+    def __init__(self, steps, node_id, model, vae, shift, summary=None):
         self.progress = comfy.utils.ProgressBar(steps)
         self.node_id, self.model, self.vae, self.shift = node_id, model, vae, shift
+        self.summary = summary or {}  # the run's settings, for the front end's status line
+        self.eta = Eta()  # from the first step of this run (resumed steps and the first validation excluded)
+        self.validation_loss = None
 
     def _text(self, message):
         if self.node_id is None:  # not run by a server (direct calls in tests and tools)
@@ -139,9 +150,12 @@ class _ProgressHooks(Hooks):
     def on_step(self, step, total, loss):
         self.progress.update_absolute(step, total)
         self._text(f"step {step}/{total}  loss {loss:.4f}")
+        send_progress(self.node_id, "step", step, total, self.eta(step, total), self.summary, loss=float(loss),
+                      validation_loss=self.validation_loss)
 
     def on_validation(self, step, loss, denoise, samples):
         self._text(f"step {step}  validation loss {loss:.4f}")
+        self.validation_loss = float(loss)
         sample = samples[0]
         device = self.model.load_device
         with torch.no_grad():
@@ -252,7 +266,11 @@ class LiteVSRTrainAdapter(io.ComfyNode):
             checkpoint_every=checkpoint_every, resume=resume, validation_every=validation_every,
             gradient_checkpointing=gradient_checkpointing, precision=precision,
             run_metadata={"config": config.to_dict(), "scale": degradation["scale"], "start_adapter": adapter})
-        hooks = _ProgressHooks(steps, getattr(cls.hidden, "unique_id", None), model, vae, shift)
+        summary = {"batch_size": batch_size, "grad_accumulation": grad_accumulation, "learning_rate": learning_rate,
+                   "clip_frames": getattr(dataset, "clip_frames", None),
+                   "crop": [getattr(dataset, "crop_width", None), getattr(dataset, "crop_height", None)],
+                   "scale": degradation["scale"], "precision": precision, "run_name": run_name}
+        hooks = _ProgressHooks(steps, getattr(cls.hidden, "unique_id", None), model, vae, shift, summary)
         result = train_adapter(model, vae, dataset, degradation["config"], degradation["scale"], config, start,
                                context, settings, validation_dataset, hooks=hooks)
         trained = {"adapter": result.adapter, "context": result.context,

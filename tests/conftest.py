@@ -101,3 +101,129 @@ def sample_clip_frames():
             if len(frames) == 33:
                 break
     return torch.from_numpy(np.stack(frames)).float() / 255.0
+
+
+# --- the fault matrix (tests/fault_matrix.py): @pytest.mark.matrix(group, row) -> a table at the end -------------
+import fault_matrix  # noqa: E402
+
+MATRIX_REPORT = REPO / "output" / "test-artifacts" / "fault_matrix.md"
+_MATRIX = None  # this session's _Matrix (pytest_runtest_logreport gets no config)
+
+
+class _Matrix:
+    def __init__(self):
+        self.rows_of = {}  # nodeid -> [(group, row)]
+        self.outcome = {}  # nodeid -> "pass" | "FAIL" | "skip"
+        self.full_run = False
+        self.deselected = 0
+
+    def missing(self):
+        covered = {row for rows in self.rows_of.values() for row in rows}
+        return [row for row in fault_matrix.ROWS if row not in covered]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "matrix(group, row): this test covers a row of the fault matrix "
+                                       "(tests/fault_matrix.py ROWS)")
+    config.addinivalue_line("markers", "matrix_final: run at the very end of the session (after the whole matrix)")
+    global _MATRIX
+    config._litevsr_matrix = _MATRIX = _Matrix()
+
+
+def pytest_deselected(items):
+    if items:
+        items[0].config._litevsr_matrix.deselected += len(items)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    known = set(fault_matrix.ROWS)
+    for item in items:
+        for mark in item.iter_markers("matrix"):
+            if tuple(mark.args) not in known:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.matrix{tuple(mark.args)} is not a row of "
+                                        "tests/fault_matrix.py ROWS")
+    items.sort(key=lambda item: item.get_closest_marker("matrix_final") is not None)  # stable: the rest keep order
+
+
+def pytest_collection_finish(session):
+    matrix = session.config._litevsr_matrix
+    for item in session.items:
+        rows = [tuple(mark.args) for mark in item.iter_markers("matrix")]
+        if rows:
+            matrix.rows_of[item.nodeid] = rows
+    test_files = {path.resolve() for path in Path(__file__).parent.glob("test_*.py")}
+    collected = {Path(str(item.path)).resolve() for item in session.items}
+    matrix.full_run = matrix.deselected == 0 and test_files <= collected
+
+
+def pytest_runtest_logreport(report):
+    matrix = _MATRIX
+    if matrix is None or report.nodeid not in matrix.rows_of:
+        return
+    if report.failed:
+        matrix.outcome[report.nodeid] = "FAIL"
+    elif report.skipped and matrix.outcome.get(report.nodeid) != "FAIL":
+        matrix.outcome[report.nodeid] = "skip"
+    elif report.when == "call" and report.passed:
+        matrix.outcome.setdefault(report.nodeid, "pass")
+
+
+def _matrix_lines(matrix):
+    """(group, row, test, result) per row and test function; the parameter sets of one function share a line."""
+    lines = []
+    for group, row in fault_matrix.ROWS:
+        functions = {}  # test function -> {parameter id or "": outcome}
+        for nodeid, rows in matrix.rows_of.items():
+            if (group, row) in rows:
+                function, _, params = nodeid.split("tests/", 1)[-1].partition("[")
+                functions.setdefault(function, {})[params.rstrip("]")] = matrix.outcome.get(nodeid, "not run")
+        for function, cases in functions.items():
+            results = set(cases.values())
+            result = results.pop() if len(results) == 1 else \
+                "FAIL" if "FAIL" in results else "skip" if "skip" in results else "not run"
+            if len(cases) > 1 and result != "pass":
+                result += f" ({sum(value == 'pass' for value in cases.values())}/{len(cases)} passed)"
+            ids = [case for case in cases if case]
+            shown = function + ("" if not ids else f"[{', '.join(ids)}]" if len(ids) <= 3 else f"[{len(ids)} cases]")
+            lines.append((group, row, shown, result))
+        if not functions and matrix.full_run:
+            lines.append((group, row, "-", "MISSING"))
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    matrix = config._litevsr_matrix
+    if not matrix.rows_of and not matrix.full_run:
+        return
+    lines = _matrix_lines(matrix)
+    width = [max(len(line[i]) for line in lines + [("group", "row", "test", "result")]) for i in range(3)]
+    write = terminalreporter.write_line
+    terminalreporter.section("fault matrix: group | row | test | pass/FAIL")
+    for group, row, test, result in lines:
+        write(f"{group:<{width[0]}} | {row:<{width[1]}} | {test:<{width[2]}} | {result}")
+    missing = matrix.missing()
+    passed = {(group, row) for group, row, _, result in lines if result == "pass"}
+    failing = sorted({(group, row) for group, row, _, result in lines if result not in ("pass", "MISSING")})
+    summary = (f"{len(passed)}/{len(fault_matrix.ROWS)} rows with every collected test passing"
+               if not failing else f"{len(failing)} row(s) with a failing, skipped or unrun test")
+    if matrix.full_run:
+        summary += f"; {len(missing)} row(s) without a test" + (" (this fails the session)" if missing else "")
+    else:
+        summary += f" (partial run: {len(missing)} row(s) not covered by the selected tests)"
+    write(summary)
+    notes = [(row, note) for row, note in fault_matrix.NOTES.items() if any(line[:2] == row for line in lines)]
+    try:
+        MATRIX_REPORT.parent.mkdir(parents=True, exist_ok=True)
+        text = ["# Fault matrix", "", "| group | row | test | result |", "|---|---|---|---|"]
+        text += [f"| {group} | {row} | `{test}` | {result} |" for group, row, test, result in lines]
+        text += ["", summary, "", "## Notes", ""] + [f"- **{group} / {row}**: {note}" for (group, row), note in notes]
+        MATRIX_REPORT.write_text("\n".join(text) + "\n")
+        write(f"(written to {MATRIX_REPORT.relative_to(REPO)}; notes on substituted rows there)")
+    except OSError as error:
+        write(f"(could not write {MATRIX_REPORT}: {error})")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    matrix = session.config._litevsr_matrix
+    if matrix.full_run and matrix.missing() and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -47,6 +47,7 @@ def test_round_trip_is_exact(saved):
     assert not list(path.parent.glob(".litevsr-*"))  # no temporary left behind
 
 
+@pytest.mark.matrix("Models", "adapter from another backbone")
 def test_other_backbone_refused_with_both_signatures(saved):
     path, _, _ = saved
     with pytest.raises(AdapterFileError) as err:
@@ -54,6 +55,7 @@ def test_other_backbone_refused_with_both_signatures(saved):
     assert SIG.describe() in str(err.value) and OTHER.describe() in str(err.value)
 
 
+@pytest.mark.matrix("Models", "adapter file that is a pickle renamed to .safetensors")
 def test_pickle_renamed_to_safetensors_is_refused(tmp_path):
     path = tmp_path / "evil.safetensors"
     path.write_bytes(pickle.dumps({"weight": [1.0] * 100}))
@@ -61,6 +63,7 @@ def test_pickle_renamed_to_safetensors_is_refused(tmp_path):
         load_adapter(path, SIG)
 
 
+@pytest.mark.matrix("Models", "truncated safetensors")
 def test_truncated_file_is_refused(saved):
     path, _, _ = saved
     data = path.read_bytes()
@@ -69,6 +72,7 @@ def test_truncated_file_is_refused(saved):
         load_adapter(path, SIG)
 
 
+@pytest.mark.matrix("Models", "header with a huge declared size")
 def test_huge_declared_header_is_refused(tmp_path):
     path = tmp_path / "huge.safetensors"
     path.write_bytes(struct.pack("<Q", 2**60) + b"{}")
@@ -84,6 +88,7 @@ def test_tiny_and_garbage_files_are_refused(tmp_path):
             load_adapter(path, SIG)
 
 
+@pytest.mark.matrix("Models", "wrong or missing metadata")
 def test_foreign_safetensors_and_bad_metadata_are_refused(tmp_path, saved):
     plain = tmp_path / "lora.safetensors"
     save_file({"x": torch.zeros(2)}, str(plain))
@@ -95,6 +100,7 @@ def test_foreign_safetensors_and_bad_metadata_are_refused(tmp_path, saved):
         load_adapter(broken, SIG)
 
 
+@pytest.mark.matrix("Models", "adapter from a newer format version")
 def test_newer_format_version_is_refused(tmp_path, saved):
     path, _, _ = saved
     header = read_header(path)
@@ -109,6 +115,7 @@ def test_check_backbone_accepts_own_signature():
     check_backbone(AdapterConfig(SIG), SIG)
 
 
+@pytest.mark.matrix("Models", "torch.load only with weights_only=True, never reached for a non-safetensors adapter")
 def test_no_unsafe_torch_load_in_the_pack():
     """No code path calls torch.load without weights_only=True (the adapter loader never calls it at all)."""
     offenders = []

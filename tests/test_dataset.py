@@ -89,6 +89,8 @@ def full_decode(path):
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
+@pytest.mark.matrix("Training", "dataset folder with unreadable files mixed in")
+@pytest.mark.matrix("Video", "animated webp")
 def test_scan_keeps_good_files_and_warns_about_exactly_the_bad_ones(folder, caplog):
     with caplog.at_level(logging.WARNING):
         dataset = VideoClipDataset(folder, clip_frames=9, crop_size=CROP)
@@ -163,6 +165,7 @@ def test_stride_raises_the_needed_length(folder):
     assert dataset.sample(0).shape == (9, 32, 32, 3)
 
 
+@pytest.mark.matrix("Training", "dataset with no usable clip")
 def test_a_folder_without_usable_clips_says_what_is_needed(folder, tmp_path):
     for name in ("broken.mp4", "short.mp4"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())

@@ -44,7 +44,9 @@ def test_make_demo_bad_input_fails_in_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("kind", ["zero_frames", "not_a_video"])
+@pytest.mark.parametrize("kind", [
+    pytest.param("zero_frames", marks=pytest.mark.matrix("Video", "zero frames")),
+    pytest.param("not_a_video", marks=pytest.mark.matrix("Video", "a file that is not a video"))])
 def test_make_demo_refuses_unusable_input_in_one_line(tmp_path, kind):
     import av
 

@@ -41,6 +41,7 @@ def test_missing_input_file_is_rejected(comfy):
     assert "LoadVideo" in msg and "no_such_clip.mp4" in msg, msg
 
 
+@pytest.mark.matrix("Video", "zero frames")
 def test_zero_frame_clip_fails_clearly(comfy):
     """A container without a single video frame: the run fails with a one-line error naming the node, writes no
     video, and the server keeps working."""

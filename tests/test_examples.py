@@ -52,11 +52,3 @@ def comfy_pack_name():
 
     return comfy_server.PACK_NAME
 
-
-def test_pyproject_dependencies_match_requirements():
-    import tomllib
-
-    project = tomllib.loads((workflows.REPO / "pyproject.toml").read_text())["project"]
-    reqs = [line.split("#")[0].strip() for line in (workflows.REPO / "requirements.txt").read_text().splitlines()]
-    assert sorted(project["dependencies"]) == sorted(r for r in reqs if r)
-    assert "comfyui" not in project["name"].lower()

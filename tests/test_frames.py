@@ -66,6 +66,7 @@ def test_encode_and_tiled_decode_give_the_exact_clip(tiny_vae, count, size, scal
     assert frames.dtype == torch.float32 and frames.device.type == "cpu"
 
 
+@pytest.mark.matrix("Video", "zero frames")
 def test_encode_rejects_an_empty_clip(tiny_vae):
     with pytest.raises(ValueError, match="no frames"):
         LiteVSREncodeVideo.execute(tiny_vae, torch.zeros(0, 16, 16, 3), 2)

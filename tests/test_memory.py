@@ -295,6 +295,7 @@ def _check_sizes(p: Plan):
 @pytest.mark.parametrize("signature", SIGNATURES, ids=lambda s: f"{s.family}-{s.dim}")
 @pytest.mark.parametrize("size", [(480, 832), (720, 1280), (1080, 1920), (2160, 3840)])
 @pytest.mark.parametrize("budget_gib", [8, 16, 24, 80])
+@pytest.mark.matrix("Video", "sizes that blow the memory budget")
 def test_auto_plan_fits_its_budgets(signature, size, budget_gib):
     out_h, out_w = size
     try:
@@ -356,6 +357,7 @@ def test_portrait_frames_get_portrait_tiles():
     assert p.latent_hw == (240, 136) and p.dit_tile == (104, 60)
 
 
+@pytest.mark.matrix("Video", "sizes that blow the memory budget")
 def test_frames_above_the_training_size_keep_the_chunk_and_tile():
     roomy = plan(WAN21_1_3B, 1080, 1920, 81, 80 * GiB, 64 * GiB)
     budget = int(0.5 * roomy.dit_bytes) + memory.DEFAULT_RESERVE_BYTES
@@ -370,6 +372,7 @@ def test_short_videos_get_one_chunk_and_overlap_raises_the_floor():
     assert plan(WAN21_1_3B, 480, 832, 6, 80 * GiB, 64 * GiB).chunk_frames == 9  # 6 frames pad to 9
 
 
+@pytest.mark.matrix("Video", "sizes that blow the memory budget")
 def test_refuses_an_impossible_budget_before_allocating():
     with pytest.raises(ValueError) as device:
         plan(WAN21_1_3B, 1080, 1920, 81, 300 * MiB, 64 * GiB)

@@ -39,6 +39,7 @@ def test_signature_of_the_tiny_wan(tiny_dit):
                                                              latent_channels=16, vae_stride=8)
 
 
+@pytest.mark.matrix("Models", "non-Wan MODEL")
 def test_non_wan_model_is_refused_by_name(tmp_path):
     ltxv = load(tiny_models.save_tiny_ltxv(tmp_path / "ltxv.safetensors"))
     with pytest.raises(UnsupportedBackbone, match=r"got LTXV \(LTXVModel\)"):
@@ -64,6 +65,7 @@ def test_adapter_file_round_trip_through_the_node(tiny_dit, adapter_dir):
     assert all(torch.equal(a, b) for a, b in zip(attached.state_dict().values(), adapter.state_dict().values()))
 
 
+@pytest.mark.matrix("Models", "adapter from another backbone")
 def test_mismatched_adapter_is_refused_with_both_signatures(tiny_dit, adapter_dir):
     other = BackboneSignature("wan2.1", dim=128, num_layers=2, num_heads=1, latent_channels=16, vae_stride=8)
     save_adapter(adapter_dir / "other.safetensors", new_adapter(other, "direct", 0), None)
@@ -72,6 +74,7 @@ def test_mismatched_adapter_is_refused_with_both_signatures(tiny_dit, adapter_di
     assert other.describe() in str(err.value) and backbone_signature(tiny_dit).describe() in str(err.value)
 
 
+@pytest.mark.matrix("Models", "adapter file that is a pickle renamed to .safetensors")
 def test_pickle_adapter_is_refused(tiny_dit, adapter_dir):
     import pickle
 
@@ -85,6 +88,7 @@ def test_attaching_twice_is_refused(tiny_dit):
         attach(attach(tiny_dit))
 
 
+@pytest.mark.matrix("Models", "Wan2.1 DiT with a Wan2.2 VAE")
 def test_sampler_contract_and_errors(tiny_dit):
     patched = attach(tiny_dit)
     latent = vsr_latent(torch.randn(1, 16, 2, 4, 6), frames=5, height=64, width=96, scale=2)

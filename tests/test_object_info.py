@@ -2,7 +2,7 @@
 
 PACK_NODES = {"LiteVSRAttachAdapter", "LiteVSREncodeVideo", "LiteVSRSampler", "LiteVSRTiledDecode",
               "LiteVSRColorCorrect", "LiteVSRUpscaleVideoFile", "LiteVSRVideoDataset", "LiteVSRDegradation",
-              "LiteVSRTrainAdapter", "LiteVSRSaveAdapter"}
+              "LiteVSRTrainAdapter", "LiteVSRSaveAdapter", "LiteVSRCheckModels", "LiteVSRCompare"}
 
 
 def test_every_node_is_documented(object_info):

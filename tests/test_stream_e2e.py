@@ -72,6 +72,7 @@ def test_long_video_example_streams_clip_with_audio(comfy, stream_clips):
     assert "LiteVSR memory plan" in log and "in 6 chunk(s), overlap 4 frames" in log
 
 
+@pytest.mark.matrix("Runs", "interrupt during streaming encode")
 def test_interrupt_leaves_no_file_and_the_next_run_works(comfy, stream_clips):
     """POST /interrupt once the first chunk is done: the run stops, the temporary file that was being written is
     deleted, nothing appears under the final name, and a run queued right after succeeds."""

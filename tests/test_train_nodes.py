@@ -33,6 +33,7 @@ def test_degradation_node_names_bad_json():
         run(LiteVSRDegradation, "standard", 4, "{stage1: 1}", None, 0)
 
 
+@pytest.mark.matrix("Paths", "Video Dataset folder outside input")
 def test_dataset_node_resolves_relative_folders_against_input(tmp_path, test_clip, monkeypatch):
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
     (tmp_path / "clips").mkdir()

@@ -197,6 +197,8 @@ KILLED_RUN = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("kill_at,what", [(3, "state sidecar"), (4, "adapter file")])
+@pytest.mark.matrix("Training", "kill -9 mid-run then resume")
+@pytest.mark.matrix("Runs", "interrupt during training checkpoint write")
 def test_killed_checkpoint_write_leaves_the_previous_checkpoint(models, clip_folders, tmp_path, kill_at, what):
     """Checkpoint 2 writes files 1-2 (sidecar, adapter); the process is SIGKILLed halfway through file `kill_at`
     (checkpoint 4's sidecar or adapter). Checkpoint 2 stays the newest complete one, loads, and resumes."""
@@ -234,6 +236,7 @@ class InterruptAt(Hooks):
             raise KeyboardInterrupt("stand-in for ComfyUI's InterruptProcessingException")
 
 
+@pytest.mark.matrix("Runs", "interrupt during training checkpoint write")
 def test_interrupt_checkpoints_the_finished_steps(models, clip_folders, tmp_path):
     model, vae = models
     train_set, _ = datasets(clip_folders)

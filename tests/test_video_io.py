@@ -140,6 +140,7 @@ def test_frame_count_is_counted_when_the_container_does_not_record_it(clip, tmp_
 # --- writer ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fps", [Fraction(25), Fraction(30000, 1001)])
+@pytest.mark.matrix("Video", "odd sizes (177x97)")
 def test_round_trip_keeps_count_odd_size_fps_and_audio(bunny, tmp_path, fps):
     frames = VideoReader(bunny).frames(0, CLIP_FRAMES)[:, 200:200 + CLIP_HEIGHT, 300:300 + CLIP_WIDTH]
     out = tmp_path / "out.mp4"
@@ -172,6 +173,7 @@ def test_test_clip_has_the_requested_frames_size_and_trimmed_audio(clip):
     assert abs(audio_seconds - CLIP_FRAMES / 25) <= 1024 / 48000
 
 
+@pytest.mark.matrix("Video", "two audio streams")
 def test_every_audio_stream_is_copied_without_reencoding(tmp_path):
     source = make_source(tmp_path / "two_tracks.mp4", 25, ["mono", "stereo"])
     out = tmp_path / "out.mp4"
@@ -188,6 +190,7 @@ def test_every_audio_stream_is_copied_without_reencoding(tmp_path):
         assert abs(seconds - 1.0) <= 1024 / 48000
 
 
+@pytest.mark.matrix("Video", "no audio")
 def test_no_audio_in_gives_no_audio_out(tmp_path, clip):
     silent = make_source(tmp_path / "silent.mp4", 5, [])
     assert not VideoReader(silent).has_audio
@@ -200,6 +203,7 @@ def test_no_audio_in_gives_no_audio_out(tmp_path, clip):
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt, InterruptProcessingException])
+@pytest.mark.matrix("Runs", "interrupt during streaming encode")
 def test_interrupted_writer_leaves_nothing_behind(bunny, tmp_path, error):
     out = tmp_path / "out.mp4"
     with pytest.raises(error):
@@ -242,6 +246,7 @@ def test_missing_file_is_named(tmp_path):
         VideoReader(missing)
 
 
+@pytest.mark.matrix("Video", "a file that is not a video")
 def test_not_a_video(tmp_path):
     text = tmp_path / "notes.mp4"
     text.write_text("certainly not a video")
@@ -252,6 +257,7 @@ def test_not_a_video(tmp_path):
         VideoReader(audio_only)
 
 
+@pytest.mark.matrix("Video", "zero frames")
 def test_zero_frame_video(tmp_path):
     empty = tmp_path / "empty.mkv"
     with av.open(str(empty), "w") as container:  # a declared video stream that never gets a packet

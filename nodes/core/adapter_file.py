@@ -51,12 +51,14 @@ def read_adapter_config(path):
     metadata = read_header(path).get("__metadata__") or {}
     name = os.path.basename(path)
     if metadata.get("format") != FORMAT_NAME:
-        raise AdapterFileError(f"{name} is a safetensors file but not a LiteVSR adapter (no '{FORMAT_NAME}' metadata)")
+        raise AdapterFileError(f"{name} is a safetensors file but not a LiteVSR adapter (no '{FORMAT_NAME}' metadata): "
+                               "pick an adapter written by Save Adapter (LiteVSR) or tools/train.py")
     try:
         version = int(metadata["format_version"])
         config = AdapterConfig.from_dict(json.loads(metadata["config"]))
     except (KeyError, ValueError, TypeError) as err:
-        raise AdapterFileError(f"{name} has missing or invalid LiteVSR metadata ({err!r})") from None
+        raise AdapterFileError(f"{name} has missing or invalid LiteVSR metadata ({err!r}): re-download it, or "
+                               "re-save it with Save Adapter (LiteVSR)") from None
     if version > FORMAT_VERSION:
         raise AdapterFileError(f"{name} was written by a newer LiteVSR (adapter format {version}; this pack reads up "
                                f"to {FORMAT_VERSION}). Update ComfyUI-LiteVSR.")

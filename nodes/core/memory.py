@@ -573,8 +573,9 @@ def _refuse_or_warn(smallest: Plan, auto, device_budget):
     for stage, used, budget in _over_budget(smallest):
         if all(size in auto for size in STAGE_SIZES[stage]):
             if stage == "chunk":
-                where, advice = "RAM", ("close other programs, lower the output size or the frame count, or "
-                                        "stream the output to a file instead of returning all frames")
+                where, advice = "RAM", "close other programs, or lower the output size or the frame count"
+                if not smallest.options.get("stream_output"):
+                    advice += ", or stream the output to a file instead of returning all frames"
             else:
                 where, advice = "device memory", ("free VRAM (unload other models, start ComfyUI with --lowvram), "
                                                   "or lower the output size")

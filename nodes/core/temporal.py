@@ -54,12 +54,12 @@ def blend_weights(overlap):
     return tuple(0.5 - 0.5 * math.cos(math.pi * (j + 1) / (overlap + 1)) for j in range(overlap))
 
 
-def _check_sizes(chunk_frames, overlap_frames):
+def _check_sizes(chunk_frames, overlap_frames, num_frames):
     if chunk_frames < 1 or (chunk_frames - 1) % TEMPORAL_STRIDE:
         raise ValueError(f"chunk_frames must be {TEMPORAL_STRIDE}n+1 (e.g. 33, 81), got {chunk_frames}")
     if overlap_frames < 0 or overlap_frames % TEMPORAL_STRIDE:
         raise ValueError(f"overlap_frames must be a multiple of {TEMPORAL_STRIDE}, got {overlap_frames}")
-    if chunk_frames - 1 - overlap_frames < TEMPORAL_STRIDE:
+    if chunk_frames - 1 - overlap_frames < TEMPORAL_STRIDE and chunk_frames < num_frames:  # one chunk: no stride
         raise ValueError(f"overlap_frames {overlap_frames} leaves no new frames in a {chunk_frames}-frame chunk")
 
 
@@ -80,7 +80,7 @@ def chunk_plan(num_frames, chunk_frames, overlap_frames, cuts=()):
     """Chunks covering `num_frames` pixel frames; every chunk is chunk_frames long (4n+1) except the last of each
     shot, which the caller pads to `padded_frames`. `cuts` are frames that start a new shot (see SceneCutDetector).
     Every frame is owned by exactly one chunk."""
-    _check_sizes(chunk_frames, overlap_frames)
+    _check_sizes(chunk_frames, overlap_frames, num_frames)
     if num_frames < 1:
         raise ValueError("a video needs at least one frame")
     bounds = sorted({0, num_frames, *(cut for cut in cuts if 0 < cut < num_frames)})

@@ -67,6 +67,12 @@ class VideoReader:
             stream = container.streams.video[0]
             self.width = stream.codec_context.width
             self.height = stream.codec_context.height
+            if not (self.width and self.height):  # e.g. animated WebP: ffmpeg finds the stream but cannot decode it
+                raise ValueError(
+                    f"{self.path}: ffmpeg cannot decode this {stream.codec_context.name} stream (no picture size)"
+                    + (". Animated WebP is not a video ffmpeg reads: convert it to mp4, or load it with Load Image "
+                       "and upscale the frames with the short-clip nodes (Encode LR Video, LiteVSR Sampler, Tiled "
+                       "Decode)" if stream.codec_context.name == "webp" else ": convert it to mp4"))
             self.has_audio = bool(container.streams.audio)
             self.fps = _frame_rate(stream)
             self.frame_count = count_frames(container, stream)

@@ -1,0 +1,534 @@
+"""The model files the pack supports (`weights/models.json`): where each one goes, whether it is there and intact,
+and verified, resumable downloads. Standard library only; nothing of ComfyUI (the check node passes ComfyUI's
+`folder_paths.get_folder_paths` as the folder lookup, `tools/models.py` a lookup over one models folder).
+
+A download goes to a hidden `.<name>.part` in the target folder, resumes from there with an HTTP Range request,
+and is renamed to its final name only after the SHA-256 of the whole file matched the manifest: a file under a
+final name is never partial or unverified (unless the caller explicitly allowed an entry that has no hash).
+"""
+import hashlib
+import json
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "weights", "models.json")
+MANIFEST_FORMAT = 1
+FOLDERS = ("diffusion_models", "vae", "text_encoders", "litevsr")
+LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}  # ComfyUI reads these too
+ROLES = {"dit": "diffusion_models", "vae": "vae", "text_encoder": "text_encoders", "adapter": "litevsr"}
+CHECKABLE = ("size", "sha256")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+PART_SUFFIX = ".part"
+CHUNK = 1 << 20
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # plain http only there (tests)
+USER_AGENT = "ComfyUI-LiteVSR-models/1"
+
+OK, VERIFIED, UNVERIFIED = "ok", "verified", "present-unverified"
+MISSING, WRONG_SIZE, HASH_MISMATCH = "missing", "wrong-size", "hash-mismatch"
+PRESENT = (OK, VERIFIED, UNVERIFIED)
+
+
+class ModelFileError(Exception):
+    """A manifest, check or download problem, with a message meant for the user."""
+
+
+class ManifestError(ModelFileError):
+    pass
+
+
+class DownloadInterrupted(ModelFileError):
+    """The transfer stopped early; the partial file is kept and the next download resumes from it."""
+
+
+class ChecksumMismatch(ModelFileError):
+    """The downloaded bytes are not the file the manifest names; the partial file was deleted."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    id: str
+    role: str
+    folder: str
+    name: str
+    families: tuple
+    size: int | None
+    sha256: str | None
+    source: str
+    optional: bool = False
+    unverified: tuple = ()
+
+    @property
+    def relative(self):
+        return f"{self.folder}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Family:
+    id: str
+    title: str
+    dits: tuple  # file ids, preferred first
+    vae: str
+    default: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: tuple
+    families: tuple
+
+    def file(self, file_id):
+        return next(entry for entry in self.files if entry.id == file_id)
+
+    def family_files(self, family, have=None):
+        """A DiT and the VAE of a family: the first DiT for which have(file_id) is true, else the preferred one."""
+        dit = next((dit for dit in family.dits if have is not None and have(dit)), family.dits[0])
+        return [self.file(dit), self.file(family.vae)]
+
+    def select(self, tokens=None, have=None):
+        """Files named by tokens (file ids, file names, family ids, or "all"); none: the default families. A family
+        contributes the DiT it already has (have(file_id), e.g. a usable check) or else its preferred one."""
+        if not tokens:
+            chosen = [entry for family in self.families if family.default
+                      for entry in self.family_files(family, have)]
+        else:
+            chosen = []
+            for token in tokens:
+                chosen.extend(self._resolve(token.strip(), have))
+        return list(dict.fromkeys(chosen))
+
+    def _resolve(self, token, have):
+        if token == "all":
+            return list(self.files)
+        for family in self.families:
+            if token == family.id:
+                return self.family_files(family, have)
+        for entry in self.files:
+            if token in (entry.id, entry.name):
+                return [entry]
+        choices = ["all"] + [family.id for family in self.families] + [entry.id for entry in self.files]
+        raise ModelFileError(f"unknown model {token!r}; choose from: {', '.join(choices)} (or a file name)")
+
+
+# --- the manifest -------------------------------------------------------------------------------------------------
+
+
+def load_manifest(path=MANIFEST):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ManifestError(f"cannot read the model manifest {path}: {error}") from None
+    return parse_manifest(data, where=path)
+
+
+def parse_manifest(data, where="manifest"):
+    """A Manifest from the manifest's JSON object; every problem found is listed in one ManifestError."""
+    problems = []
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{where}: not a LiteVSR model manifest (format {MANIFEST_FORMAT})")
+    files = []
+    for section in ("files", "adapters"):
+        entries = data.get(section, [])
+        if not isinstance(entries, list):
+            problems.append(f"'{section}' must be a list")
+            continue
+        for index, raw in enumerate(entries):
+            entry = _parse_file(raw, f"{section}[{index}]", problems)
+            if entry is not None:
+                if (section == "adapters") != (entry.role == "adapter"):
+                    problems.append(f"{section}[{index}] ({entry.id}): role {entry.role!r} does not belong in "
+                                    f"'{section}'")
+                files.append(entry)
+    families = [_parse_family(raw, f"families[{index}]", problems)
+                for index, raw in enumerate(data.get("families", []))]
+    families = [family for family in families if family is not None]
+    _cross_check(files, families, problems)
+    if problems:
+        raise ManifestError(f"{where}: invalid model manifest:\n  " + "\n  ".join(problems))
+    return Manifest(tuple(files), tuple(families))
+
+
+def _parse_file(raw, label, problems):
+    if not isinstance(raw, dict):
+        problems.append(f"{label}: not an object")
+        return None
+    found = []
+    for key, kind in (("id", str), ("role", str), ("folder", str), ("name", str), ("source", str)):
+        if not isinstance(raw.get(key), kind) or not raw[key]:
+            found.append(f"'{key}' missing or not a string")
+    if found:
+        problems.append(f"{label}: " + "; ".join(found))
+        return None
+    label = f"{label} ({raw['id']})"
+    if ROLES.get(raw["role"]) != raw["folder"]:
+        problems.append(f"{label}: role {raw['role']!r} with folder {raw['folder']!r} (expected one of "
+                        f"{', '.join(f'{r}->{f}' for r, f in ROLES.items())})")
+    name = raw["name"]
+    if name != os.path.basename(name) or "\\" in name or name.startswith(".") or not name.endswith(".safetensors"):
+        problems.append(f"{label}: file name {name!r} must be a plain *.safetensors name")
+    source = urllib.parse.urlparse(raw["source"])
+    if not (source.scheme == "https" and source.netloc or source.scheme == "http" and source.hostname in LOOPBACK):
+        problems.append(f"{label}: source {raw['source']!r} is not an https URL")
+    size, sha256 = raw.get("size"), raw.get("sha256")
+    if size is not None and (type(size) is not int or size <= 0):
+        problems.append(f"{label}: size must be a positive integer (bytes) or null, not {size!r}")
+    if sha256 is not None and (not isinstance(sha256, str) or not SHA256_HEX.match(sha256)):
+        problems.append(f"{label}: sha256 must be 64 lowercase hex digits or null, not {sha256!r}")
+    unverified = raw.get("unverified", [])
+    missing = [key for key in CHECKABLE if raw.get(key) is None]
+    if not isinstance(unverified, list) or sorted(unverified) != sorted(missing):
+        problems.append(f"{label}: 'unverified' must list exactly the null fields {missing}, not {unverified!r}")
+    families = raw.get("families", [])
+    if not isinstance(families, list) or not all(isinstance(family, str) for family in families):
+        problems.append(f"{label}: 'families' must be a list of family ids")
+        families = []
+    return ModelFile(raw["id"], raw["role"], raw["folder"], name, tuple(families), size, sha256, raw["source"],
+                     bool(raw.get("optional", False)), tuple(missing))
+
+
+def _parse_family(raw, label, problems):
+    if (not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not isinstance(raw.get("vae"), str)
+            or not isinstance(raw.get("dits"), list) or not raw["dits"]):
+        problems.append(f"{label}: needs 'id', 'vae' and a non-empty 'dits' list")
+        return None
+    return Family(raw["id"], str(raw.get("title", raw["id"])), tuple(raw["dits"]), raw["vae"],
+                  bool(raw.get("default", False)))
+
+
+def _cross_check(files, families, problems):
+    by_id = {}
+    for entry in files:
+        if entry.id in by_id:
+            problems.append(f"file id {entry.id!r} appears twice")
+        by_id[entry.id] = entry
+    places = [(entry.folder, entry.name) for entry in files]
+    for place in sorted({place for place in places if places.count(place) > 1}):
+        problems.append(f"{place[0]}/{place[1]} is listed twice")
+    family_ids = [family.id for family in families]
+    for family in families:
+        for file_id, role in [(dit, "dit") for dit in family.dits] + [(family.vae, "vae")]:
+            entry = by_id.get(file_id)
+            if entry is None or entry.role != role or family.id not in entry.families:
+                problems.append(f"family {family.id!r}: {file_id!r} is not a {role} file serving this family")
+    for entry in files:
+        for family in entry.families:
+            if family not in family_ids:
+                problems.append(f"{entry.id}: unknown family {family!r}")
+
+
+# --- where files are, and whether they are intact ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    file: ModelFile
+    status: str
+    target: str  # where the file goes (the exact path for a missing file)
+    path: str | None = None  # where it was found
+    actual_size: int | None = None
+    partial: int | None = None  # bytes of a resumable download in the target folder
+
+    @property
+    def usable(self):
+        return self.status in PRESENT
+
+
+def folder_lookup(models_dir):
+    """A lookup over one models folder laid out as ComfyUI's `models/` (legacy `unet/` and `clip/` included)."""
+    def lookup(folder):
+        return [os.path.join(models_dir, name) for name in (folder,) + LEGACY_FOLDERS.get(folder, ())]
+    return lookup
+
+
+def target_folder(folder, directories):
+    """Where a missing file of `folder` goes: the first directory named like the folder (ComfyUI lists the legacy
+    `unet/` before `diffusion_models/`), else the first one."""
+    if not directories:
+        raise ModelFileError(f"ComfyUI has no folder registered for {folder!r}")
+    named = [directory for directory in directories if os.path.basename(os.path.normpath(directory)) == folder]
+    return os.path.abspath((named or directories)[0])
+
+
+def find_file(name, directories):
+    """The first `name` in the directories, top levels first, then their subfolders (as ComfyUI lists them)."""
+    for directory in directories:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    for directory in directories:
+        seen = set()
+        for root, subdirs, files in os.walk(directory, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:
+                subdirs[:] = []
+                continue
+            seen.add(real)
+            subdirs[:] = sorted(sub for sub in subdirs if not sub.startswith("."))
+            if root != directory and name in files:
+                return os.path.abspath(os.path.join(root, name))
+    return None
+
+
+def partial_path(target_dir, name):
+    return os.path.join(target_dir, f".{name}{PART_SUFFIX}")
+
+
+def sha256_of(path, progress=None, chunk_size=CHUNK):
+    """Hex SHA-256 of a file; progress(done, total) after every chunk (an exception from it stops hashing)."""
+    digest, done, total = hashlib.sha256(), 0, os.path.getsize(path)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+    return digest.hexdigest()
+
+
+def check_file(entry, directories, verify_hash=False, progress=None):
+    target = os.path.join(target_folder(entry.folder, directories), entry.name)
+    path = find_file(entry.name, directories)
+    if path is None:
+        part = partial_path(os.path.dirname(target), entry.name)
+        return FileCheck(entry, MISSING, target, partial=os.path.getsize(part) if os.path.isfile(part) else None)
+    size = os.path.getsize(path)
+    if entry.size is not None and size != entry.size:
+        return FileCheck(entry, WRONG_SIZE, target, path, size)
+    if not verify_hash or entry.sha256 is None:
+        return FileCheck(entry, UNVERIFIED if entry.size is None else OK, target, path, size)
+    if sha256_of(path, progress) != entry.sha256:
+        return FileCheck(entry, HASH_MISMATCH, target, path, size)
+    return FileCheck(entry, VERIFIED, target, path, size)
+
+
+@dataclass(frozen=True)
+class Report:
+    manifest: Manifest
+    checks: tuple
+    adapters: tuple  # (adapter folder, [*.safetensors found there]) pairs
+
+    def of(self, file_id):
+        return next(check for check in self.checks if check.file.id == file_id)
+
+    def family_ready(self, family):
+        """(ready, usable DiT check or None, VAE check): ready needs one usable DiT and the usable VAE."""
+        dit = next((self.of(dit) for dit in family.dits if self.of(dit).usable), None)
+        vae = self.of(family.vae)
+        return dit is not None and vae.usable, dit, vae
+
+    @property
+    def problems(self):
+        return [check for check in self.checks if check.status in (WRONG_SIZE, HASH_MISMATCH)]
+
+    def text(self, verify_hash=False):
+        return format_report(self, verify_hash)
+
+
+def check(manifest, lookup, verify_hash=False, progress=None):
+    """Every manifest file checked where `lookup(folder)` (a list of directories) says ComfyUI reads that folder;
+    sizes always, SHA-256 too with verify_hash (minutes per file for the big DiTs). progress(entry, done, total)
+    is called while hashing."""
+    checks = []
+    for entry in manifest.files:
+        hashing = None if progress is None else (lambda done, total, entry=entry: progress(entry, done, total))
+        checks.append(check_file(entry, lookup(entry.folder), verify_hash, hashing))
+    adapters = []
+    for directory in lookup("litevsr"):
+        names = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors")) \
+            if os.path.isdir(directory) else []
+        adapters.append((os.path.abspath(directory), names))
+    return Report(manifest, tuple(checks), tuple(adapters))
+
+
+# --- the report ---------------------------------------------------------------------------------------------------
+
+
+def human_size(size):
+    if size is None:
+        return "size unknown"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def describe(check):
+    """One file's lines: status, where it is or must go, and what to do."""
+    entry = check.file
+    head = f"[{check.status}] {entry.relative} ({human_size(entry.size)})" + (" optional" if entry.optional else "")
+    if check.status == MISSING:
+        lines = [head, f"    put it at: {check.target}", f"    download: {entry.source}"]
+        if check.partial is not None:
+            lines.append(f"    a partial download ({human_size(check.partial)}) waits to be resumed at "
+                         f"{partial_path(os.path.dirname(check.target), entry.name)}")
+        return lines
+    lines = [head, f"    found: {check.path}"]
+    if check.status == WRONG_SIZE:
+        lines.append(f"    it has {check.actual_size} bytes, expected {entry.size}: a truncated or different file; "
+                     f"delete it and download it again")
+    elif check.status == HASH_MISMATCH:
+        lines.append(f"    its SHA-256 is not {entry.sha256}: a corrupt or different file; delete it and download "
+                     f"it again")
+    elif check.status == UNVERIFIED:
+        lines.append(f"    not checked: the manifest has no {' or '.join(entry.unverified)} for this file")
+    return lines
+
+
+def format_report(report, verify_hash=False):
+    lines = ["LiteVSR model files" + (" (sizes and SHA-256 checked)" if verify_hash else " (sizes checked)"), "",
+             "Backbones (one DiT + its VAE; the text encoder is optional):"]
+    for family in report.manifest.families:
+        ready, dit, vae = report.family_ready(family)
+        if ready:
+            state = f"READY: {dit.file.name} + {vae.file.name}"
+        else:
+            needs = ([] if dit else [f"a DiT ({' or '.join(report.manifest.file(d).name for d in family.dits)})"]) \
+                + ([] if vae.usable else [vae.file.name])
+            state = "missing " + " and ".join(needs)
+        lines.append(f"  {family.title} [{family.id}]: {state}")
+    lines += ["", "Files:"]
+    for check_ in report.checks:
+        lines += ["  " + line for line in describe(check_)]
+    lines += ["", "Adapters (litevsr/):"]
+    for directory, names in report.adapters:
+        lines.append(f"  {directory}: " + (", ".join(names) if names else "none yet"))
+    return "\n".join(lines)
+
+
+# --- downloads ----------------------------------------------------------------------------------------------------
+
+
+class _Partial:
+    """The open `.part` file and the running SHA-256 of its contents."""
+
+    def __init__(self, path):
+        self.path = path
+        self.handle = open(path, "a+b")  # closed by download()
+        _lock(self.handle, path)
+        self.restart_digest()
+        self.handle.seek(0)
+        while chunk := self.handle.read(CHUNK):
+            self.digest.update(chunk)
+        self.size = self.handle.tell()
+
+    def restart_digest(self):
+        self.digest = hashlib.sha256()
+
+    def truncate(self):
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.restart_digest()
+        self.size = 0
+
+    def append(self, chunk):
+        self.handle.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+
+
+def _lock(handle, path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ModelFileError(f"another download is writing {path}; wait for it to finish") from None
+
+
+def download(entry, target_dir, allow_unverified=False, progress=None, timeout=60.0, chunk_size=CHUNK):
+    """Downloads `entry` into target_dir and returns the final path. The bytes go to `.<name>.part` (an existing
+    one is resumed with `Range: bytes=<size>-`), and are renamed to the final name only when size and SHA-256 match
+    the manifest. progress(done, total) after every chunk; an exception raised by it (an interrupt) stops the
+    download and keeps the partial file, as a broken connection does (DownloadInterrupted). A wrong hash deletes
+    the partial file (ChecksumMismatch). An entry without a SHA-256 is refused unless allow_unverified."""
+    if entry.sha256 is None and not allow_unverified:
+        raise ModelFileError(f"{entry.name}: the manifest has no SHA-256 for this file, so a download could not be "
+                             f"verified; refusing it (tools/models.py --allow-unverified downloads it anyway)")
+    os.makedirs(target_dir, exist_ok=True)
+    final = os.path.join(target_dir, entry.name)
+    if os.path.lexists(final):
+        raise ModelFileError(f"{final} already exists; not overwriting it (delete it first to download it again)")
+    partial = _Partial(partial_path(target_dir, entry.name))
+    try:
+        if entry.size is not None and partial.size > entry.size:
+            partial.truncate()
+        if entry.size is None or partial.size < entry.size:
+            _transfer(entry, partial, progress, timeout, chunk_size)
+        partial.handle.flush()
+        os.fsync(partial.handle.fileno())
+    finally:
+        partial.handle.close()
+    _finish(entry, partial, final)
+    return final
+
+
+def _transfer(entry, partial, progress, timeout, chunk_size):
+    offset = partial.size
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(entry.source, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset and entry.size is None:
+            return  # the partial file already holds everything the server has; the hash decides
+        if error.code == 416 and offset:
+            partial.truncate()
+            raise ModelFileError(f"{entry.name}: the server refused to resume at byte {offset}; the partial "
+                                 f"download was discarded, run again to start over") from None
+        raise ModelFileError(f"{entry.name}: HTTP {error.code} {error.reason} from {entry.source}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise DownloadInterrupted(f"{entry.name}: cannot reach {entry.source}: {getattr(error, 'reason', error)}"
+                                  + _kept(partial)) from None
+    with response:
+        if response.status == 200 and offset:
+            partial.truncate()  # the server ignored the Range request: start over
+        elif response.status == 206 and _range_start(response.headers.get("Content-Range")) != offset:
+            raise ModelFileError(f"{entry.name}: the server answered the resume at byte {offset} with "
+                                 f"{response.headers.get('Content-Range')!r}")
+        elif response.status not in (200, 206):
+            raise ModelFileError(f"{entry.name}: unexpected HTTP {response.status} from {entry.source}")
+        length = response.headers.get("Content-Length")
+        end = partial.size + int(length) if length is not None else entry.size
+        if entry.size is not None and end is not None and end != entry.size:
+            raise ModelFileError(f"{entry.name}: the server offers {end} bytes, the manifest expects {entry.size}: "
+                                 f"not the file the manifest names")
+        try:
+            while chunk := response.read(chunk_size):
+                partial.append(chunk)
+                if progress is not None:
+                    progress(partial.size, end)
+        except (OSError, ValueError, EOFError) as error:  # reset, timeout, http.client.IncompleteRead
+            raise DownloadInterrupted(f"{entry.name}: the connection broke after {partial.size} of {end} bytes "
+                                      f"({type(error).__name__})" + _kept(partial)) from None
+    if end is not None and partial.size < end:
+        raise DownloadInterrupted(f"{entry.name}: the connection closed after {partial.size} of {end} bytes"
+                                  + _kept(partial))
+
+
+def _finish(entry, partial, final):
+    if entry.size is not None and partial.size != entry.size:
+        raise DownloadInterrupted(f"{entry.name}: {partial.size} of {entry.size} bytes" + _kept(partial))
+    if entry.sha256 is not None and partial.digest.hexdigest() != entry.sha256:
+        os.remove(partial.path)
+        raise ChecksumMismatch(f"{entry.name}: downloaded SHA-256 {partial.digest.hexdigest()} is not the "
+                               f"manifest's {entry.sha256}; the download was deleted, nothing was installed")
+    os.chmod(partial.path, 0o644)
+    os.replace(partial.path, final)
+
+
+def _kept(partial):
+    return f"; the partial download stays in {partial.path} and the next run resumes from there"
+
+
+def _range_start(content_range):
+    match = re.match(r"bytes (\d+)-", content_range or "")
+    return int(match.group(1)) if match else None

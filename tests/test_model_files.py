@@ -1,0 +1,314 @@
+"""Model files: the real manifest, the checker, verified resumable downloads from a loopback HTTP server (Range/206,
+a connection cut mid-file, a server that ignores Range), the command-line tool, and the Check Models node."""
+import hashlib
+import http.server
+import json
+import os
+import threading
+
+import pytest
+
+import models as models_tool
+from comfyui_litevsr.nodes.core import model_files as mf
+
+PAYLOAD = bytes(range(256)) * 997 + b"tail"  # 255,236 bytes: several chunks at the test chunk size
+CHUNK = 16 << 10
+
+
+class Server:
+    """http.server on 127.0.0.1 in a thread: serves `files`, honours `Range: bytes=N-` with 206, records every
+    request's headers, and can close the connection after `cut_after` bytes of a body or ignore Range."""
+
+    def __init__(self):
+        self.files, self.requests, self.cut_after, self.ignore_range = {}, [], None, False
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(dict(self.headers))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                wanted = self.headers.get("Range")
+                if wanted and not server.ignore_range:
+                    start = int(wanted.removeprefix("bytes=").rstrip("-"))
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                sent = body[start:]
+                if server.cut_after is not None:
+                    sent, server.cut_after = sent[:server.cut_after], None  # one cut, then whole answers
+                self.wfile.write(sent)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+
+@pytest.fixture
+def server():
+    served = Server()
+    served.thread.start()
+    try:
+        yield served
+    finally:
+        served.httpd.shutdown()
+        served.httpd.server_close()
+
+
+def entry_dict(name, url, body, folder="diffusion_models", role="dit", size=True, sha256=True, **extra):
+    missing = [key for key, known in (("size", size), ("sha256", sha256)) if not known]
+    return {"id": name.removesuffix(".safetensors"), "role": role, "folder": folder, "name": name,
+            "families": ["tiny"] if role in ("dit", "vae") else [], "source": url,
+            "size": len(body) if size else None,
+            "sha256": (sha256 if isinstance(sha256, str) else hashlib.sha256(body).hexdigest()) if sha256 else None,
+            "unverified": missing, **extra}
+
+
+def manifest_dict(*entries, dit="tiny-dit", vae="tiny-vae"):
+    return {"format": 1, "families": [{"id": "tiny", "title": "Tiny", "dits": [dit], "vae": vae, "default": True}],
+            "files": list(entries), "adapters": []}
+
+
+def tiny_manifest(url, dit_body=PAYLOAD, vae_body=b"vae" * 100, **dit_fields):
+    return mf.parse_manifest(manifest_dict(entry_dict("tiny-dit.safetensors", url, dit_body, **dit_fields),
+                                           entry_dict("tiny-vae.safetensors", url + "-vae", vae_body, "vae", "vae")))
+
+
+def names_in(folder):
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def fetch(manifest, folder, **kwargs):
+    return mf.download(manifest.file("tiny-dit"), str(folder), chunk_size=CHUNK, **kwargs)
+
+
+# --- downloads ----------------------------------------------------------------------------------------------------
+
+
+def test_download_verifies_and_lands_only_under_the_final_name(server, tmp_path):
+    server.files["/dit"] = PAYLOAD
+    manifest = tiny_manifest(server.url("/dit"))
+    seen = []
+
+    def progress(done, total):
+        seen.append((done, total))
+        assert names_in(tmp_path) == [".tiny-dit.safetensors.part"]  # nothing under the final name meanwhile
+
+    path = fetch(manifest, tmp_path, progress=progress)
+    assert path == str(tmp_path / "tiny-dit.safetensors")
+    assert (tmp_path / "tiny-dit.safetensors").read_bytes() == PAYLOAD
+    assert names_in(tmp_path) == ["tiny-dit.safetensors"]
+    assert seen[-1] == (len(PAYLOAD), len(PAYLOAD)) and len(seen) > 1
+    assert "Range" not in server.requests[0]
+    with pytest.raises(mf.ModelFileError, match="already exists"):
+        fetch(manifest, tmp_path)
+
+
+def test_cut_connection_keeps_the_part_and_the_next_call_resumes_with_range(server, tmp_path):
+    server.files["/dit"] = PAYLOAD
+    server.cut_after = cut = 100_000
+    manifest = tiny_manifest(server.url("/dit"))
+    with pytest.raises(mf.DownloadInterrupted, match="resumes"):
+        fetch(manifest, tmp_path)
+    assert names_in(tmp_path) == [".tiny-dit.safetensors.part"]
+    assert (tmp_path / ".tiny-dit.safetensors.part").read_bytes() == PAYLOAD[:cut]
+
+    fetch(manifest, tmp_path)
+    assert server.requests[-1]["Range"] == f"bytes={cut}-"
+    assert (tmp_path / "tiny-dit.safetensors").read_bytes() == PAYLOAD
+    assert names_in(tmp_path) == ["tiny-dit.safetensors"]
+
+
+def test_an_interrupt_from_the_progress_callback_keeps_the_part(server, tmp_path):
+    server.files["/dit"] = PAYLOAD
+    manifest = tiny_manifest(server.url("/dit"))
+
+    def interrupt(done, total):
+        if done > 3 * CHUNK:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fetch(manifest, tmp_path, progress=interrupt)
+    kept = (tmp_path / ".tiny-dit.safetensors.part").stat().st_size
+    assert 3 * CHUNK < kept < len(PAYLOAD) and names_in(tmp_path) == [".tiny-dit.safetensors.part"]
+    fetch(manifest, tmp_path)
+    assert server.requests[-1]["Range"] == f"bytes={kept}-"
+    assert (tmp_path / "tiny-dit.safetensors").read_bytes() == PAYLOAD
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    server.files["/dit"] = PAYLOAD
+    (tmp_path / ".tiny-dit.safetensors.part").write_bytes(b"garbage, not the file's start")
+    server.ignore_range = True
+    fetch(tiny_manifest(server.url("/dit")), tmp_path)
+    assert "Range" in server.requests[-1]
+    assert (tmp_path / "tiny-dit.safetensors").read_bytes() == PAYLOAD
+
+
+def test_wrong_hash_is_refused_and_the_part_removed(server, tmp_path):
+    server.files["/dit"] = PAYLOAD
+    manifest = tiny_manifest(server.url("/dit"), sha256="0" * 64)
+    with pytest.raises(mf.ChecksumMismatch, match="nothing was installed"):
+        fetch(manifest, tmp_path)
+    assert names_in(tmp_path) == []
+
+
+def test_wrong_size_on_the_server_is_refused_before_downloading(server, tmp_path):
+    server.files["/dit"] = PAYLOAD + b"extra"
+    with pytest.raises(mf.ModelFileError, match="not the file the manifest names"):
+        fetch(tiny_manifest(server.url("/dit")), tmp_path)
+    assert not (tmp_path / "tiny-dit.safetensors").exists()
+
+
+def test_entry_without_hash_needs_an_explicit_opt_in(server, tmp_path):
+    server.files["/dit"] = PAYLOAD
+    manifest = tiny_manifest(server.url("/dit"), sha256=False)
+    with pytest.raises(mf.ModelFileError, match="--allow-unverified"):
+        fetch(manifest, tmp_path)
+    assert server.requests == [] and names_in(tmp_path) == []
+    fetch(manifest, tmp_path, allow_unverified=True)
+    assert (tmp_path / "tiny-dit.safetensors").read_bytes() == PAYLOAD
+
+
+def test_http_error_is_reported_with_the_url(server, tmp_path):
+    with pytest.raises(mf.ModelFileError, match=r"HTTP 404 .*/nowhere"):
+        fetch(tiny_manifest(server.url("/nowhere")), tmp_path)
+
+
+# --- the manifest -------------------------------------------------------------------------------------------------
+
+
+def test_the_real_manifest_validates():
+    manifest = mf.load_manifest()
+    with open(mf.MANIFEST, encoding="utf-8") as handle:
+        raw = json.load(handle)
+    assert len(manifest.files) == len(raw["files"]) + len(raw["adapters"]) >= 8
+    for entry in raw["files"] + raw["adapters"]:
+        assert entry["folder"] in mf.FOLDERS and entry["name"].endswith(".safetensors")
+        assert entry["source"].startswith("https://huggingface.co/Comfy-Org/Wan_2.")
+        assert entry["source"].endswith("/" + entry["folder"] + "/" + entry["name"])
+        assert entry["size"] is None or (type(entry["size"]) is int and entry["size"] > 0)
+        assert entry["sha256"] is None or mf.SHA256_HEX.match(entry["sha256"])
+        assert sorted(entry["unverified"]) == sorted(key for key in ("size", "sha256") if entry[key] is None)
+    names = {entry.name for entry in manifest.files}
+    assert {"wan2.1_t2v_1.3B_fp16.safetensors", "wan2.2_ti2v_5B_fp16.safetensors", "wan_2.1_vae.safetensors",
+            "wan2.2_vae.safetensors"} <= names
+    assert {family.id for family in manifest.families} == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-ti2v-5b"}
+    assert [entry.name for entry in manifest.select()] == ["wan2.1_t2v_1.3B_fp16.safetensors",
+                                                          "wan_2.1_vae.safetensors"]
+    have_bf16 = manifest.select(["wan2.1-t2v-1.3b"], have=lambda file_id: file_id == "wan2.1-t2v-1.3b-bf16")
+    assert [entry.id for entry in have_bf16] == ["wan2.1-t2v-1.3b-bf16", "wan2.1-vae"]  # no second DiT fetched
+    assert len(manifest.select(["all", "wan2.2-vae"])) == len(manifest.files)
+    with pytest.raises(mf.ModelFileError, match="unknown model 'wan3'"):
+        manifest.select(["wan3"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: e.update(name="../evil.safetensors"), "plain"),
+    (lambda e: e.update(size="12"), "positive integer"),
+    (lambda e: e.update(sha256="ABC"), "64 lowercase hex"),
+    (lambda e: e.update(size=None), "'unverified' must list"),
+    (lambda e: e.update(source="http://example.com/x"), "https"),
+    (lambda e: e.update(folder="vae"), "role 'dit' with folder 'vae'"),
+])
+def test_bad_manifest_entries_are_refused_by_name(change, message):
+    data = manifest_dict(entry_dict("tiny-dit.safetensors", "https://h/d", PAYLOAD),
+                         entry_dict("tiny-vae.safetensors", "https://h/v", b"v", "vae", "vae"))
+    change(data["files"][0])
+    with pytest.raises(mf.ManifestError, match=message):
+        mf.parse_manifest(data)
+
+
+# --- the checker --------------------------------------------------------------------------------------------------
+
+
+def test_checker_reports_present_missing_wrong_size_and_hash(tmp_path):
+    models = tmp_path / "models"
+    (models / "unet").mkdir(parents=True)
+    (models / "unet" / "tiny-dit.safetensors").write_bytes(PAYLOAD)  # legacy folder, as ComfyUI reads it
+    manifest = tiny_manifest("https://h/d")
+    lookup = mf.folder_lookup(str(models))
+
+    report = mf.check(manifest, lookup)
+    dit, vae = report.of("tiny-dit"), report.of("tiny-vae")
+    assert (dit.status, dit.path) == (mf.OK, str(models / "unet" / "tiny-dit.safetensors"))
+    assert (vae.status, vae.target) == (mf.MISSING, str(models / "vae" / "tiny-vae.safetensors"))
+    assert report.family_ready(manifest.families[0])[0] is False
+    assert str(models / "vae" / "tiny-vae.safetensors") in report.text()
+
+    (models / "vae").mkdir()
+    (models / "vae" / ".tiny-vae.safetensors.part").write_bytes(b"vae")
+    assert mf.check(manifest, lookup).of("tiny-vae").partial == 3
+    (models / "vae" / "sub").mkdir()
+    (models / "vae" / "sub" / "tiny-vae.safetensors").write_bytes(b"vae" * 99)  # in a subfolder, too short
+    report = mf.check(manifest, lookup)
+    assert report.of("tiny-vae").status == mf.WRONG_SIZE and report.problems == [report.of("tiny-vae")]
+    assert "delete it and download it again" in report.text()
+
+    (models / "vae" / "sub" / "tiny-vae.safetensors").write_bytes(b"vae" * 100)
+    report = mf.check(manifest, lookup, verify_hash=True)
+    assert report.of("tiny-dit").status == report.of("tiny-vae").status == mf.VERIFIED
+    assert report.family_ready(manifest.families[0])[0] and "READY" in report.text()
+
+    (models / "unet" / "tiny-dit.safetensors").write_bytes(bytes(len(PAYLOAD)))  # right size, wrong content
+    assert mf.check(manifest, lookup).of("tiny-dit").status == mf.OK
+    assert mf.check(manifest, lookup, verify_hash=True).of("tiny-dit").status == mf.HASH_MISMATCH
+    unsized = tiny_manifest("https://h/d", size=False)
+    assert mf.check(unsized, lookup).of("tiny-dit").status == mf.UNVERIFIED
+
+
+# --- the tool and the node ----------------------------------------------------------------------------------------
+
+
+def test_tool_downloads_the_default_family_and_reports(server, tmp_path, capsys):
+    server.files["/dit"], server.files["/dit-vae"] = PAYLOAD, b"vae" * 100
+    manifest_path = tmp_path / "models.json"
+    manifest_path.write_text(json.dumps(manifest_dict(
+        entry_dict("tiny-dit.safetensors", server.url("/dit"), PAYLOAD),
+        entry_dict("tiny-vae.safetensors", server.url("/dit-vae"), b"vae" * 100, "vae", "vae"))))
+    argv = ["--models-dir", str(tmp_path / "models"), "--manifest", str(manifest_path)]
+    assert models_tool.main(argv) == 0
+    assert "[missing]" in capsys.readouterr().out
+    assert models_tool.main(argv + ["--download"]) == 0
+    assert (tmp_path / "models" / "diffusion_models" / "tiny-dit.safetensors").read_bytes() == PAYLOAD
+    assert (tmp_path / "models" / "vae" / "tiny-vae.safetensors").read_bytes() == b"vae" * 100
+    assert models_tool.main(argv + ["--verify-hash"]) == 0
+    assert "Tiny [tiny]: READY" in capsys.readouterr().out
+
+
+def test_node_report_names_the_exact_target_folder(tmp_path, monkeypatch):
+    import folder_paths
+    from comfyui_litevsr.nodes.model_check_nodes import LiteVSRCheckModels
+
+    for folder in mf.FOLDERS:
+        (tmp_path / folder).mkdir()
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, folder, ([str(tmp_path / folder)], {".safetensors"}))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models",
+                        ([str(tmp_path / "unet"), str(tmp_path / "diffusion_models")], {".safetensors"}))
+    (tmp_path / "vae" / "wan_2.1_vae.safetensors").write_bytes(b"not the VAE")
+    output = LiteVSRCheckModels.execute(False)
+    report = output.result[0]
+    assert output.ui.as_dict() == {"text": (report,)}
+    assert f"put it at: {tmp_path / 'diffusion_models' / 'wan2.1_t2v_1.3B_fp16.safetensors'}" in report
+    assert f"put it at: {tmp_path / 'vae' / 'wan2.2_vae.safetensors'}" in report
+    assert "[wrong-size] vae/wan_2.1_vae.safetensors" in report
+    assert f"{tmp_path / 'litevsr'}: none yet" in report
+
+    with open(tmp_path / "vae" / "wan_2.1_vae.safetensors", "r+b") as handle:  # right size (sparse), wrong bytes
+        handle.truncate(mf.load_manifest().file("wan2.1-vae").size)
+    assert "[ok] vae/wan_2.1_vae.safetensors" in LiteVSRCheckModels.execute(False).result[0]
+    assert "[hash-mismatch] vae/wan_2.1_vae.safetensors" in LiteVSRCheckModels.execute(True).result[0]
