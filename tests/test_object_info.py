@@ -14,3 +14,9 @@ def test_every_node_is_documented(object_info):
             for input_name, spec in info["input"].get(section, {}).items():
                 options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
+def test_adapter_folder_is_one_of_comfyuis_model_folders(comfy):
+    """models/litevsr is registered with ComfyUI, so its files appear in the model lists (GET /models/litevsr)."""
+    assert "litevsr" in comfy.get("/models")
+    assert isinstance(comfy.get("/models/litevsr"), list)
