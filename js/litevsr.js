@@ -98,14 +98,17 @@ function wrappedLines(text, width, font) {
   return lines;
 }
 
+function element(tag, className) {
+  const made = document.createElement(tag);
+  made.className = className;
+  return made;
+}
+
 function status(node) {
   if (node[STATUS]) return node[STATUS];
-  const root = document.createElement("div");
-  root.className = "litevsr-status";
-  const warning = document.createElement("div");
-  warning.className = "litevsr-warning";
-  const progress = document.createElement("div");
-  progress.className = "litevsr-progress";
+  const root = element("div", "litevsr-status");
+  const warning = element("div", "litevsr-warning");
+  const progress = element("div", "litevsr-progress");
   root.append(warning, progress);
   // Lines wrap at the widget's width (the node's, less the widget margins): count them as the browser will.
   const width = () => node.size[0] - 2 * STATUS_MARGIN - 4;
@@ -268,40 +271,30 @@ function viewURL(file) {
 
 function compareView(node) {
   if (node[COMPARE]) return node[COMPARE];
-  const root = document.createElement("div");
-  root.className = "litevsr-compare";
-  const stage = document.createElement("div");
-  stage.className = "litevsr-compare-stage";
-  const before = document.createElement("img");
-  before.className = "litevsr-before";
+  const root = element("div", "litevsr-compare");
+  const stage = element("div", "litevsr-compare-stage");
+  const before = element("img", "litevsr-before");
   before.alt = "LR (bicubic)";
   before.draggable = false;
-  const after = document.createElement("img");
-  after.className = "litevsr-after";
+  const after = element("img", "litevsr-after");
   after.alt = "LiteVSR";
   after.draggable = false;
-  const divider = document.createElement("div");
-  divider.className = "litevsr-compare-divider";
-  const labelBefore = document.createElement("span");
-  labelBefore.className = "litevsr-compare-label litevsr-label-before";
+  const divider = element("div", "litevsr-compare-divider");
+  const labelBefore = element("span", "litevsr-compare-label litevsr-label-before");
   labelBefore.textContent = "LR (bicubic)";
-  const labelAfter = document.createElement("span");
-  labelAfter.className = "litevsr-compare-label litevsr-label-after";
+  const labelAfter = element("span", "litevsr-compare-label litevsr-label-after");
   labelAfter.textContent = "LiteVSR";
   stage.append(before, after, divider, labelBefore, labelAfter);
 
-  const controls = document.createElement("div");
-  controls.className = "litevsr-compare-controls";
-  const slider = document.createElement("input");
+  const controls = element("div", "litevsr-compare-controls");
+  const slider = element("input", "litevsr-slider");
   slider.type = "range";
-  slider.className = "litevsr-slider";
   slider.min = "0";
   slider.max = "100";
   slider.step = "0.1";
   slider.value = "50";
   slider.title = "Split position: LR (bicubic) on the left, LiteVSR on the right";
-  const info = document.createElement("span");
-  info.className = "litevsr-compare-info";
+  const info = element("span", "litevsr-compare-info");
   controls.append(slider, info);
   root.append(stage, controls);
 

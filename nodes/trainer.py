@@ -15,8 +15,8 @@ import comfy.utils
 
 from .backbone import attach_adapter, backbone_signature, make_denoiser
 from .core.adapter import StateAwareAdapter
-from .core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .core.geometry import TEXT_TOKENS, frames_on_grid
+from .core.checkpoint import load_checkpoint, resume_step, save_checkpoint
+from .core.geometry import TEXT_TOKENS
 from .core.training import AdapterTrainer, PairMaker, World, validation_loss, validation_set
 from .pipeline import lr_encoder
 
@@ -55,8 +55,6 @@ def check_clip_geometry(dataset, scale, signature):
                          f"{height - height % grid or grid}")
     if height % scale or width % scale:
         raise ValueError(f"training crop {width}x{height} must be divisible by the degradation scale {scale}")
-    if frames_on_grid(dataset.clip_frames) != dataset.clip_frames:
-        raise ValueError(f"clip_frames must be 4n+1, got {dataset.clip_frames}")
 
 
 @dataclass
@@ -97,13 +95,7 @@ class Hooks:
 
 def _starting_point(adapter, context, settings, signature, steps):
     """(adapter copy, context, checkpoint state or None): resume from the newest checkpoint when asked and present."""
-    step = latest_checkpoint(settings.checkpoint_dir) if settings.checkpoint_dir else None
-    if step is not None and not settings.resume:
-        raise ValueError(f"{settings.checkpoint_dir} already holds checkpoints up to step {step}: turn on resume to "
-                         "continue that run, or choose another run name (a new run there would mix with them)")
-    if step is not None and step > steps:
-        raise ValueError(f"the newest checkpoint in {settings.checkpoint_dir} is at step {step}, past the {steps} "
-                         f"steps asked for: set steps to at least {step}")
+    step = resume_step(settings.checkpoint_dir, settings.resume, steps) if settings.checkpoint_dir else None
     if step is not None:
         saved, saved_context, tensors, trainer_state, _ = load_checkpoint(settings.checkpoint_dir, step, signature)
         return saved, saved_context if saved_context is not None else context, (step, tensors, trainer_state)
@@ -123,7 +115,6 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
             context = torch.zeros(1, TEXT_TOKENS, signature.text_dim)
         adapter, context, resume_state = _starting_point(adapter, context.clone(), settings, signature,
                                                               config.steps)
-        context = context.clone()
         patched = attach_adapter(model, adapter, context)
         patched.model.requires_grad_(False)
         denoise = make_denoiser(patched, gradient_checkpointing=settings.gradient_checkpointing)

@@ -18,7 +18,7 @@ import workflows
 from comfyui_litevsr.nodes import progress
 from comfyui_litevsr.nodes.core import decode as core_decode
 from comfyui_litevsr.nodes.core import dit_tiling, memory
-from comfyui_litevsr.nodes.core.dataset import VideoClipDataset
+from comfyui_litevsr.nodes.core.dataset import VideoClipDataset, check_clip_frames
 from comfyui_litevsr.nodes.core.degrade import DegradationConfig, with_overrides
 from comfyui_litevsr.nodes.trainer import check_clip_geometry
 
@@ -147,8 +147,9 @@ def python_stream(chunk, overlap):
 
 
 def python_training(clip_frames, width, height, scale):
-    return raises(lambda: check_clip_geometry(SimpleNamespace(crop_width=width, crop_height=height,
-                                                              clip_frames=clip_frames), scale, SIGNATURE))
+    """The dataset refuses the frame count on construction; the trainer refuses the crop."""
+    return raises(lambda: check_clip_frames(clip_frames)) or raises(
+        lambda: check_clip_geometry(SimpleNamespace(crop_width=width, crop_height=height), scale, SIGNATURE))
 
 
 def python_overrides(text):

@@ -19,6 +19,7 @@ from comfyui_litevsr.nodes.core.sampling import flow_sigmas, sample_vsr
 from comfyui_litevsr.nodes.core.training import TrainConfig
 from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter
 from comfyui_litevsr.nodes.model_nodes import new_adapter
+from comfyui_litevsr.nodes.pipeline import lr_encoder
 from comfyui_litevsr.nodes.trainer import Hooks, RunSettings, train_adapter
 import demo as demo_tool
 import tiny_models
@@ -125,9 +126,9 @@ def test_trained_adapter_file_changes_the_upscale(converged, models, clip_folder
     _, val_set = datasets(clip_folders)
     hr = val_set.sample(0)
     lr = resize_frames(resize_frames(hr, CROP[0] // SCALE, CROP[1] // SCALE), *CROP)
-    base = model.model
+    encode = lr_encoder(vae, model)
     with torch.no_grad():
-        hr_latent, lr_latent = (base.process_latent_in(vae.encode(frames).float()) for frames in (hr, lr))
+        hr_latent, lr_latent = encode(hr), encode(lr)
     noise = torch.randn(lr_latent.shape, generator=torch.Generator().manual_seed(5))
     outputs = {}
     with torch.inference_mode():

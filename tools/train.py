@@ -166,19 +166,13 @@ def check_checkpoints(folder, resume, record, ranks):
     """The checkpoint this run resumes from (None: a fresh start); refuses to mix a fresh run into old checkpoints,
     and warns where a resumed run trains otherwise than the run it continues."""
     from comfyui_litevsr.nodes.core.adapter_file import read_header
-    from comfyui_litevsr.nodes.core.checkpoint import checkpoint_paths, latest_checkpoint
+    from comfyui_litevsr.nodes.core.checkpoint import checkpoint_paths, resume_step
 
-    step, steps = latest_checkpoint(folder), record["config"]["steps"]
+    step = resume_step(folder, resume, record["config"]["steps"])  # refused here, before the models load
     if step is None:
         if resume:
             ranks.say(f"--resume: no checkpoint in {folder} yet, starting from step 0")
         return None
-    if not resume:
-        raise ValueError(f"{folder} holds checkpoints of an earlier run (newest: step {step}): add --resume to "
-                         "continue it, or delete the folder to start over")
-    if step > steps:
-        raise ValueError(f"--steps {steps} but the newest checkpoint in {folder} is at step {step}: give --steps "
-                         f"{step} or more")
     metadata = read_header(str(checkpoint_paths(folder, step)[1])).get("__metadata__") or {}
     saved, now = decisive_settings(json.loads(metadata.get("run", "{}"))), decisive_settings(record)
     changed = sorted(key for key in now if saved.get(key) != now[key])

@@ -56,6 +56,20 @@ def latest_checkpoint(folder):
     return steps[-1] if steps else None
 
 
+def resume_step(folder, resume, steps):
+    """The step a run into `folder` continues from (None: a fresh start). Refuses a fresh run into a folder that
+    holds checkpoints (the two runs would mix) and a resume past the `steps` asked for."""
+    step = latest_checkpoint(folder)
+    if step is not None and not resume:
+        raise ValueError(f"{folder} already holds checkpoints up to step {step}: turn on resume to continue that "
+                         "run (headless: add --resume, or RESUME=1), or train under a new run name or output file "
+                         "(a new run there would mix with them)")
+    if step is not None and step > steps:
+        raise ValueError(f"the newest checkpoint in {folder} is at step {step}, past the {steps} steps asked for: "
+                         f"set steps (--steps) to at least {step}")
+    return step
+
+
 def load_checkpoint(folder, step, signature=None):
     """(adapter, text context, trainer state tensors, trainer metadata, run metadata) of one checkpoint."""
     adapter_path, state_path = checkpoint_paths(folder, step)

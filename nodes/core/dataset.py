@@ -122,6 +122,13 @@ def _crop_size(crop_size):
     return int(height), int(width)
 
 
+def check_clip_frames(clip_frames):
+    if clip_frames < 1 or frames_on_grid(clip_frames) != clip_frames:
+        raise ValueError(f"clip_frames must be 4n+1 (the Wan VAE's frame grid), got {clip_frames}; "
+                         f"the nearest valid counts are {frames_on_grid(max(clip_frames, 1)) - 4} and "
+                         f"{frames_on_grid(max(clip_frames, 1))}")
+
+
 class VideoClipDataset:
     """Random clips `[clip_frames, crop_h, crop_w, 3]` float32 in 0..1 from every usable video under `folder`.
 
@@ -130,10 +137,7 @@ class VideoClipDataset:
     """
 
     def __init__(self, folder, clip_frames, crop_size, frame_stride=1, seed=0):
-        if clip_frames < 1 or frames_on_grid(clip_frames) != clip_frames:
-            raise ValueError(f"clip_frames must be 4n+1 (the Wan VAE's frame grid), got {clip_frames}; "
-                             f"the nearest valid counts are {frames_on_grid(max(clip_frames, 1)) - 4} and "
-                             f"{frames_on_grid(max(clip_frames, 1))}")
+        check_clip_frames(clip_frames)
         if frame_stride < 1:
             raise ValueError(f"frame_stride must be at least 1, got {frame_stride}")
         self.folder = Path(folder)

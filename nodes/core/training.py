@@ -84,20 +84,21 @@ def loss_weight(sigma, config):
     return sigma.pow(-2).clamp(max=config.max_loss_weight)
 
 
-def _per_sample(sigma, like):
-    return sigma.to(like).reshape(-1, *([1] * (like.ndim - 1)))
+def _per_sample(values, like):
+    """One value per sample `[B]`, on `like`'s device, shaped to broadcast over `like` `[B, ...]`."""
+    return values.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def velocity_loss(denoise, hr_latent, lr_latent, noise, sigma, config):
     """Weighted velocity error per sample `[B]`; gradients reach the adapter through the last model call only."""
-    s = _per_sample(sigma, hr_latent)
+    s = _per_sample(sigma, hr_latent).to(hr_latent.dtype)
     noisy = s * noise + (1 - s) * hr_latent
     calls = unroll_count(sigma, config.max_unrolls, config.unroll_shift)
     estimate = lr_latent
     with torch.no_grad():
         for k in range(int(calls.max()) - 1):
             fed_back = denoise(noisy, sigma, lr_latent, estimate)
-            keep_going = (k < calls - 1).to(hr_latent.device).reshape(-1, *([1] * (hr_latent.ndim - 1)))
+            keep_going = _per_sample(k < calls - 1, hr_latent)
             estimate = torch.where(keep_going, fed_back.to(estimate.dtype), estimate)
     predicted = denoise(noisy, sigma, lr_latent, estimate).float()
     velocity_error = (noisy - predicted) / s - (noise - hr_latent)
