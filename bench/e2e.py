@@ -1,0 +1,103 @@
+"""End to end: output frames per second of a whole file-to-file upscale (tools/upscale.py's `run`, in a worker
+process: read, plan, encode, denoise, decode, colour-correct, encode with audio), for 1, 2 and 4 sampling steps.
+
+CPU (`e2e`): the tiny random-weight stand-ins on a short bigbuckbunny clip; the figure measures the pipeline's own
+overhead around tiny models, not what real weights would give. GPU (`gpu`): the same with the real Wan2.1-1.3B
+files from MODELS_DIR at 1080p output, plus the allocator's peak VRAM; without CUDA or MODELS_DIR it is skipped,
+saying why. Model loading is timed apart and left out of the frame rate.
+"""
+import time
+from pathlib import Path
+
+from harness import REPO, median, run_worker, section, table, worker
+from stream import synth_clip
+
+
+@worker("e2e")
+def e2e_worker(config):
+    import torch
+
+    import upscale as tool
+
+    ranks = tool.Ranks(environ={})
+    cuda = torch.cuda.is_available()
+    models = ["--dit", config["dit"], "--vae", config["vae"]] if config.get("dit") else ["--stand-ins"]
+    output = Path(config["scratch"]) / "e2e.mp4"
+
+    def upscale(steps):
+        argv = ["--input", config["input"], "--output", str(output), "--scale", str(config["scale"]),
+                "--steps", str(steps), "--seed", "0", *models]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        result = tool.run(tool.parse_args(argv), ranks)
+        seconds = time.perf_counter() - started - result["load_seconds"]
+        return {"frames": result["frames"], "size": [result["width"], result["height"]], "seconds": seconds,
+                "load_seconds": result["load_seconds"],
+                "peak_vram_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+    upscale(config["steps"][0])  # warm-up: kernel choice, lazy initialisation, file caches
+    runs = {str(steps): [upscale(steps) for _ in range(config["repeats"])] for steps in config["steps"]}
+    summary = {}
+    for steps, repeats in runs.items():
+        seconds = median([r["seconds"] for r in repeats])
+        vram = [r["peak_vram_bytes"] for r in repeats if r["peak_vram_bytes"] is not None]
+        summary[steps] = {"fps": round(repeats[0]["frames"] / seconds, 3), "median_seconds": round(seconds, 3),
+                          "peak_vram_gib": round(max(vram) / 2 ** 30, 2) if vram else None}
+    return {"runs": runs, "summary": summary, "device": "cuda" if cuda else "cpu",
+            "models": "stand-ins" if models == ["--stand-ins"] else [Path(m).name for m in models[1::2]]}
+
+
+def _measure(args, name, clip, scale, dit=None, vae=None):
+    config = {"input": str(clip), "scale": scale, "steps": [int(s) for s in args.e2e_steps.split(",")],
+              "repeats": args.repeats, "scratch": str(args.scratch), "dit": dit and str(dit), "vae": vae and str(vae)}
+    run = run_worker(name, config, args.scratch / f"{name}.log", timeout=args.timeout)
+    frames = run["runs"][str(config["steps"][0])][0]["frames"]
+    size = run["runs"][str(config["steps"][0])][0]["size"]
+    print("\n" + table(["steps", "frames", "output", "median s", "fps", "peak VRAM GiB"],
+                       [[steps, frames, f"{size[0]}x{size[1]}", s["median_seconds"], s["fps"],
+                         s["peak_vram_gib"] if s["peak_vram_gib"] is not None else "-"]
+                        for steps, s in run["summary"].items()]), flush=True)
+    ok = all(r["frames"] == frames for repeats in run["runs"].values() for r in repeats)
+    return {"input": str(clip.relative_to(REPO)), "scale": scale, **run}, ok
+
+
+@section("e2e")
+def e2e_section(args):
+    width, height = (int(v) for v in args.e2e_size.split("x"))
+    clip = synth_clip(args.e2e_frames, width, height)
+    print(f"\n[bench e2e] tiny stand-ins, {args.e2e_frames} frames {width}x{height} -> 4x, steps {args.e2e_steps}, "
+          f"{args.repeats} repeats", flush=True)
+    result, ok = _measure(args, "e2e", clip, 4)
+    result["what"] = ("frames / median seconds of tools/upscale.py's run with tiny random-weight stand-ins, model "
+                      "loading excluded: the pipeline's overhead, not a real model's speed")
+    return result, ok, {"e2e": {"fps": {steps: s["fps"] for steps, s in result["summary"].items()}}}
+
+
+@section("gpu")
+def gpu_section(args):
+    """Real weights on a GPU: absolute FPS and peak VRAM at 1080p output."""
+    import torch
+
+    import demo
+
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "no CUDA device here (torch.cuda.is_available() is False)"
+    elif not args.models_dir:
+        reason = "no MODELS_DIR given (make bench MODELS_DIR=... with the real Wan2.1-1.3B files)"
+    else:
+        dit = Path(args.models_dir) / "diffusion_models" / demo.DIT_NAME
+        vae = Path(args.models_dir) / "vae" / demo.VAE_NAME
+        missing = [str(p) for p in (dit, vae) if not p.is_file()]
+        if missing:
+            reason = f"MODELS_DIR lacks {', '.join(missing)}"
+    if reason:
+        print(f"\n[bench gpu] SKIPPED: {reason}", flush=True)
+        return {"skipped": reason}, True, {"gpu": {"skipped": reason}}
+    # The pack's scales are integers: 480x270 at 4x gives 1920x1080 (480p -> 1080p is 2.25x).
+    clip = synth_clip(args.gpu_frames, 480, 270)
+    print(f"\n[bench gpu] {torch.cuda.get_device_name(0)}: {args.gpu_frames} frames 480x270 -> 1920x1080", flush=True)
+    result, ok = _measure(args, "e2e", clip, 4, dit, vae)
+    return result, ok, {"gpu": {steps: {"fps": s["fps"], "peak_vram_gib": s["peak_vram_gib"]}
+                                for steps, s in result["summary"].items()}}
