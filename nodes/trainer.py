@@ -46,15 +46,15 @@ def autocast_dtype(device, precision):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def check_clip_geometry(dataset, scale, signature):
+def check_clip_geometry(dataset, scale, signature, role="training"):
     grid = signature.grid_px
     height, width = dataset.crop_height, dataset.crop_width
     if height % grid or width % grid:
-        raise ValueError(f"training crop {width}x{height} must be a multiple of {grid} px for the {signature.family} "
+        raise ValueError(f"{role} crop {width}x{height} must be a multiple of {grid} px for the {signature.family} "
                          f"backbone (one DiT token covers {grid} px); e.g. {width - width % grid or grid}x"
                          f"{height - height % grid or grid}")
     if height % scale or width % scale:
-        raise ValueError(f"training crop {width}x{height} must be divisible by the degradation scale {scale}")
+        raise ValueError(f"{role} crop {width}x{height} must be divisible by the degradation scale {scale}")
 
 
 @dataclass
@@ -110,6 +110,8 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
     settings, world, hooks = settings or RunSettings(), world or World(), hooks or Hooks()
     signature = backbone_signature(model)
     check_clip_geometry(dataset, scale, signature)
+    if validation_dataset is not None:  # refused before any training step, not at the first validation
+        check_clip_geometry(validation_dataset, scale, signature, role="validation")
     with torch.inference_mode(False), torch.enable_grad():
         if context is None:
             context = torch.zeros(1, TEXT_TOKENS, signature.text_dim)

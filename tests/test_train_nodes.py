@@ -1,4 +1,6 @@
 """The training nodes' own contracts, called in-process as ComfyUI calls them (under inference mode)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from comfyui_litevsr.nodes.core.degrade import degrade_clip, with_overrides
 from comfyui_litevsr.nodes.model_nodes import new_adapter
 from comfyui_litevsr.nodes.backbone import backbone_signature
 from comfyui_litevsr.nodes.train_nodes import LiteVSRDegradation, LiteVSRSaveAdapter, LiteVSRVideoDataset
+from comfyui_litevsr.nodes.trainer import train_adapter
 
 
 def run(node, *args):
@@ -55,3 +58,10 @@ def test_save_node_counts_up_and_writes_a_loadable_adapter(tmp_path, monkeypatch
     assert config.rank == 4 and metadata["train_steps"] == "3"
     with pytest.raises(ValueError, match="filename_prefix"):
         run(LiteVSRSaveAdapter, adapter, "../escape")
+
+
+def test_validation_crop_is_checked_before_training(tiny_dit):
+    # a validation crop off the token grid would otherwise fail only at the first validation, after training
+    good, bad = SimpleNamespace(crop_width=64, crop_height=64), SimpleNamespace(crop_width=64, crop_height=56)
+    with pytest.raises(ValueError, match=r"validation crop 64x56 must be a multiple of 16 px"):
+        train_adapter(tiny_dit, None, good, None, 4, None, None, validation_dataset=bad)
