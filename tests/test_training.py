@@ -223,6 +223,9 @@ def test_killed_checkpoint_write_leaves_the_previous_checkpoint(models, clip_fol
     resumed = train(models, clip_folders, TrainConfig(steps=4, learning_rate=1e-3, seed=1),
                     RunSettings(checkpoint_dir=str(folder), resume=True))
     assert resumed.resumed_from == 2 and latest_checkpoint(folder) == 4 and len(resumed.losses) == 4
+    # the next complete checkpoint removed the killed write's leftovers
+    expected = [path.name for step in (2, 4) for path in checkpoint_paths(folder, step)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
 
 
 class InterruptAt(Hooks):

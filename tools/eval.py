@@ -465,17 +465,18 @@ def markdown(report):
                          f"{number(row['psnr'], 2)} | {number(row['ssim'], 3)} | "
                          f"{number(row['warping_error'], 2)} | {number(row['brisque'], 1)} | "
                          f"{number(row['niqe'], 2)} | {number(row['seconds_per_frame'], 2)} | {row['note']} |")
-        lines += ["", f"![crops at frame {clip['crop']['frame']}]({clip['crop']['file']})", "",
-                  f"Crops at frame {clip['crop']['frame']}: {clip['crop']['size']} px square at (x {clip['crop']['left']}, "
-                  f"y {clip['crop']['top']}), the most textured one, shown {CROP_ZOOM}x."]
+        crop = clip["crop"]
+        lines += ["", f"![crops at frame {crop['frame']}]({crop['file']})", "",
+                  f"Crops at frame {crop['frame']}: {crop['size']} px square at (x {crop['left']}, y {crop['top']}), "
+                  f"the most textured one, shown {CROP_ZOOM}x."]
     brisque_note = ("" if report["brisque_available"] else
                     " BRISQUE is n/a in this run: install Debian opencv-data (its LIVE model files).")
     lines += ["", "## How to read it", "",
               "PSNR/SSIM: skimage.metrics on RGB uint8 (higher is better). Warping error: masked MSE (0..255) between "
               "frame t+1 and frame t warped by DIS optical flow of the GT, occlusions left out by a forward-backward "
               "check (lower is steadier, but blur lowers it too: read it with PSNR/SSIM). BRISQUE (OpenCV, LIVE "
-              "model) and NIQE (scikit-video, luma): no-reference, lower is more natural. –: not applicable (PSNR/SSIM "
-              "of the GT, warping error of one frame) or not available (NIQE on frames of 192 px or less)."
+              "model) and NIQE (scikit-video, luma): no-reference, lower is more natural. –: not applicable "
+              "(PSNR/SSIM of the GT, warping error of one frame) or not available (NIQE on frames of 192 px or less)."
               + brisque_note,
               "Each row is scored over its own frames (the frames column). s/frame: wall time on this machine, "
               "informational; LiteVSR's counts everything after the model load (planning, upscale, encode of its "

@@ -104,11 +104,14 @@ def save_adapter(path, adapter: StateAwareAdapter, context=None, extra_metadata=
     return path
 
 
+TEMPORARY_PREFIX = ".litevsr-"
+
+
 def save_atomic(tensors, path, metadata):
     """safetensors written to a hidden temporary file in the same folder and renamed: a crash never leaves half a
     file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".litevsr-", suffix=".tmp", dir=folder)
+    handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=".tmp", dir=folder)
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)

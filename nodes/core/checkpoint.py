@@ -6,6 +6,8 @@ A checkpoint at step N is two files in one folder:
 The sidecar is written first and the adapter file last, each to a hidden temporary file renamed into place, so a
 process killed at any moment leaves either a complete new checkpoint or none: `latest_checkpoint` only returns
 steps whose two files are both present, and the previous checkpoint is never touched until a newer one is whole.
+What a killed write leaves (the hidden temporary file, a sidecar without its adapter file) is removed by the next
+complete checkpoint.
 """
 import json
 import re
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from .adapter_file import load_adapter, read_header, save_adapter, save_atomic
+from .adapter_file import TEMPORARY_PREFIX, load_adapter, read_header, save_adapter, save_atomic
 
 STATE_SUFFIX = ".state.safetensors"
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
@@ -36,7 +38,18 @@ def save_checkpoint(folder, trainer, context=None, run_metadata=None, keep=3):
         for step in checkpoint_steps(folder)[:-keep]:
             for path in checkpoint_paths(folder, step):
                 path.unlink(missing_ok=True)
+    _remove_leftovers(folder)
     return adapter_path
+
+
+def _remove_leftovers(folder):
+    """Hidden temporary files and sidecars without an adapter file: what a process killed mid-write leaves. Only
+    one process writes a run's checkpoints, so nothing else can be writing here now."""
+    for path in Path(folder).iterdir():
+        orphan = path.name.endswith(STATE_SUFFIX) and not path.with_name(
+            path.name[:-len(STATE_SUFFIX)] + ".safetensors").exists()
+        if orphan or (path.name.startswith(TEMPORARY_PREFIX) and path.name.endswith(".tmp")):
+            path.unlink(missing_ok=True)
 
 
 def checkpoint_steps(folder):
