@@ -130,7 +130,9 @@ class LiteVSRDegradation(io.ComfyNode):
 
 
 class _ProgressHooks(Hooks):
-    """Progress bar with the loss as text, and a preview (LR | output | HR, middle frame) at each validation."""
+    """Progress bar, the pack's status line (step, ETA, loss: js/litevsr.js), the validation loss as progress text,
+    and a preview (LR | output | HR, middle frame) at each validation. The step loss is not also sent as progress
+    text: the editor would show it twice."""
 
     def __init__(self, steps, node_id, model, vae, shift, summary=None):
         self.progress = comfy.utils.ProgressBar(steps)
@@ -149,7 +151,6 @@ class _ProgressHooks(Hooks):
 
     def on_step(self, step, total, loss):
         self.progress.update_absolute(step, total)
-        self._text(f"step {step}/{total}  loss {loss:.4f}")
         send_progress(self.node_id, "step", step, total, self.eta(step, total), self.summary, loss=float(loss),
                       validation_loss=self.validation_loss)
 
