@@ -103,50 +103,54 @@ def _geometry_text(section):
 
 
 def readme_table(results):
-    """The README's performance table: every headline figure with what it measures."""
+    """The README's performance table: every headline figure, what it measures, and the commit it was measured at."""
     sections = results["sections"]
-    rows = []
+    rows = []  # (section, figure, value, what)
     if "adapter_overhead" in sections:
         head, text = sections["adapter_overhead"]["headline"], _geometry_text(sections["adapter_overhead"])
         overhead_ = head["adapter_overhead"]
         share = head["adapter_params_share"]
-        rows += [("`adapter_overhead.direct`", f"{overhead_['direct']:.2f}×", f"DiT step time ÷ bare backbone, {text}"),
-                 ("`adapter_overhead.shared_blocks`", f"{overhead_['shared_blocks']:.2f}×", "same, shared_blocks"),
-                 ("`adapter_params_share`", f"{100 * share['direct']:.2f} % / {100 * share['shared_blocks']:.2f} %",
+        rows += [("adapter_overhead", "`adapter_overhead.direct`", f"{overhead_['direct']:.2f}×",
+                  f"DiT step time ÷ bare backbone, {text}"),
+                 ("adapter_overhead", "`adapter_overhead.shared_blocks`", f"{overhead_['shared_blocks']:.2f}×",
+                  "same, shared_blocks"),
+                 ("adapter_overhead", "`adapter_params_share`",
+                  f"{100 * share['direct']:.2f} % / {100 * share['shared_blocks']:.2f} %",
                   "adapter parameters ÷ backbone's (direct / shared_blocks)")]
         for name, reason in sections["adapter_overhead"].get("skipped", {}).items():
-            rows.append((f"({name})", "skipped", reason))
+            rows.append(("adapter_overhead", f"({name})", "skipped", reason))
     if "decode" in sections:
         d = sections["decode"]
-        size = f"{d['output'][2]}×{d['output'][1]}"
-        rows += [("`decode.tiled_rss_ratio`", f"{d['headline']['decode']['tiled_rss_ratio']:.2f}",
+        size, seconds = f"{d['output'][2]}×{d['output'][1]}", d["median_seconds"]
+        rows += [("decode", "`decode.tiled_rss_ratio`", f"{d['headline']['decode']['tiled_rss_ratio']:.2f}",
                   f"peak memory above baseline, pack's 4×4-tiled ÷ untiled decode, {d['output'][0]} frames at {size} "
                   f"(ComfyUI VAEDecodeTiled: {d['headline']['decode']['comfyui_tiled_rss_ratio']:.2f})"),
-                 ("`decode.max_abs_diff`", f"{d['max_abs_diff']['pack_tiled']:.3f}",
-                  f"vs untiled on 0..1 (ComfyUI VAEDecodeTiled: {d['max_abs_diff']['comfyui_tiled']:.3f}); "
-                  f"time {d['median_seconds']['pack_tiled']:.1f} s vs {d['median_seconds']['untiled']:.1f} s untiled")]
+                 ("decode", "`decode.max_abs_diff`", f"{d['max_abs_diff']['pack_tiled']:.3f}",
+                  f"vs untiled on 0..1 (ComfyUI VAEDecodeTiled: {d['max_abs_diff']['comfyui_tiled']:.3f}); time "
+                  f"{seconds['pack_tiled']:.1f} s, untiled {seconds['untiled']:.1f} s, ComfyUI "
+                  f"{seconds['comfyui_tiled']:.1f} s")]
     if "stream" in sections:
         s = sections["stream"]
         runs = {r["frames"]: r for r in s["runs"]}
         detail = ", ".join(f"{n} frames {runs[n]['peak_rss_mib']:.0f} MiB" for n in sorted(runs))
-        rows.append(("`stream.rss_ratio_600_150`", f"{s['rss_ratio_600_150']:.2f}",
+        rows.append(("stream", "`stream.rss_ratio_600_150`", f"{s['rss_ratio_600_150']:.2f}",
                      f"whole-run peak RSS, 600 ÷ 150 frames at {s['scale']}× from {s['input_size']} ({detail})"))
     if "e2e" in sections:
         fps = sections["e2e"]["headline"]["e2e"]["fps"]
-        rows.append(("`e2e.fps`", " / ".join(f"{fps[k]:.2f}" for k in fps),
-                     f"output frames/s for {' / '.join(fps)} steps, tiny stand-ins, "
-                     f"{sections['e2e']['runs'][next(iter(fps))][0]['size'][0]}×"
-                     f"{sections['e2e']['runs'][next(iter(fps))][0]['size'][1]} output"))
+        width, height = sections["e2e"]["runs"][next(iter(fps))][0]["size"]
+        rows.append(("e2e", "`e2e.fps`", " / ".join(f"{fps[k]:.2f}" for k in fps),
+                     f"output frames/s for {' / '.join(fps)} steps, tiny stand-ins, {width}×{height} output"))
     if "gpu" in sections:
         gpu = sections["gpu"]["headline"]["gpu"]
-        rows.append(("`gpu`", "skipped" if "skipped" in gpu else
+        rows.append(("gpu", "`gpu`", "skipped" if "skipped" in gpu else
                      " / ".join(f"{v['fps']:.2f} fps, {v['peak_vram_gib']} GiB" for v in gpu.values()),
                      gpu.get("skipped", "real Wan2.1-1.3B, 1080p output, per step count")))
-    m, git = results["machine"], results["git"]
-    lines = [f"Measured by `{results['command']}` at commit `{(git['commit'] or '?')[:12]}` on {m['cpu']} "
-             f"({m['cores_usable']} cores, {m['ram_gib']} GiB, torch {m['torch']}, GPU: {m['gpu'] or 'none'}).",
-             "", "| figure | value | what |", "|---|---|---|"]
-    lines += [f"| {name} | {value} | {what} |" for name, value, what in rows]
+    m = results["machine"]
+    lines = [f"Measured on {m['cpu']} ({m['cores_usable']} cores, {m['ram_gib']} GiB, torch {m['torch']}, GPU: "
+             f"{m['gpu'] or 'none'}); each section's command is in `bench/results/latest.json`.",
+             "", "| figure | value | what | commit |", "|---|---|---|---|"]
+    lines += [f"| {figure} | {value} | {what} | `{(sections[name].get('commit') or '?')[:8]}` |"
+              for name, figure, value, what in rows]
     return "\n".join(lines)
 
 
@@ -181,7 +185,7 @@ def plots(results, folder):
     for name, (ylabel, values) in figures.items():
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
-        ax.bar_label(bars, fmt="%.3g")
+        ax.bar_label(bars, fmt="%.4g")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{name} ({sections[name]['commit'][:8] if sections[name].get('commit') else '?'})")
         ax.tick_params(axis="x", labelsize=8)

@@ -2,6 +2,7 @@
 this history; the harness runs end to end at small sizes; its peak-memory probe measures what was allocated."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import harness  # noqa: E402
+import run as bench  # noqa: E402
 
 LATEST = REPO / "bench" / "results" / "latest.json"
 REQUIRED = ["adapter_overhead.direct", "adapter_overhead.shared_blocks", "adapter_params_share.direct",
@@ -30,6 +32,41 @@ def _check_figures(results, keys):
     for key in keys:
         value = _lookup(results, key)
         assert isinstance(value, (int, float)) and value > 0, f"{key} = {value!r}"
+
+
+def test_latest_results_hold_every_figure_with_its_provenance():
+    results = json.loads(LATEST.read_text())
+    _check_figures(results, REQUIRED)
+    assert "bench/run.py" in results["command"]
+    for name in ("adapter_overhead", "decode", "stream", "e2e", "gpu"):
+        section = results["sections"][name]
+        assert section["ok"], f"section {name} failed its own checks"
+        assert "bench/run.py" in section["command"] and section["machine"]["cpu"]
+        # measured at a commit of this history, not typed in
+        commit = section["commit"]
+        assert re.fullmatch(r"[0-9a-f]{40}", commit), commit
+        ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=REPO)
+        assert ancestor.returncode == 0, f"section {name} was measured at {commit}, not in this history"
+    assert results["sections"]["stream"]["specified_geometry"], "stream figure must come from 160x68 (FULL=1)"
+    overhead = results["sections"]["adapter_overhead"]["runs"]["wan2.1-1.3B"]
+    assert (overhead["dim"], overhead["num_layers"], overhead["dtype"]) == (1536, 30, "float32")
+    assert all(diff == 0 for diff in overhead["max_abs_diff_zero_init_vs_bare"].values())
+
+
+def test_committed_eval_report_passed_its_sanity_row():
+    report = json.loads((REPO / "bench" / "results" / "eval" / "eval.json").read_text())
+    assert report["sanity"]["problems"] == [] and report["git"]["dirty"] is False
+    assert report["sanity"]["measured"]["bicubic"][0] == pytest.approx(30.41, abs=0.05)
+    assert report["sanity"]["measured"]["SPAN x4"][0] == pytest.approx(32.35, abs=0.05)
+    ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", report["git"]["commit"], "HEAD"], cwd=REPO)
+    assert ancestor.returncode == 0
+
+
+def test_readme_prints_the_latest_figures():
+    results = json.loads(LATEST.read_text())
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(bench.README_BEGIN) + len(bench.README_BEGIN):text.index(bench.README_END)]
+    assert block.strip() == bench.readme_table(results).strip(), "run `python bench/run.py --sections '' --readme`"
 
 
 def test_peak_memory_probe_measures_each_allocation():
