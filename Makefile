@@ -18,8 +18,9 @@
 #                                  OUT.checkpoints/, RESUME=1 continues from the newest, losses in OUT.log.json;
 #                                  NPROC > 1: data-parallel torchrun processes, global batch = --batch-size (per
 #                                  process, TRAIN_ARGS) x --grad-accumulation x NPROC
-#   make bench [FULL=1] [MODELS_DIR=...] [BENCH_ARGS=...]   benchmarks -> bench/results/latest.json + PNG plots
-#                                  (bench/run.py): quick by default; the gpu section needs CUDA and MODELS_DIR
+#   make bench [FULL=1] [MODELS_DIR=...] [BENCH_ARGS=...]   benchmarks -> bench/results/latest.json + PNG plots,
+#                                  README's performance table rewritten from it (bench/run.py): quick by default;
+#                                  the gpu section needs CUDA and MODELS_DIR
 #   make eval [MODELS_DIR=...] [CLIPS=a.mp4,videos/] [EVAL_ARGS=...]   quality at 4x: PSNR, SSIM, warping error,
 #                                  BRISQUE, NIQE of LiteVSR against bicubic, SPAN x4 and Real-ESRGAN x4plus (ncnn)
 #                                  on bicubic-downscaled real clips (default bigbuckbunny), after a sanity row that
@@ -100,7 +101,7 @@ train: env
 		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(filter-out 0,$(RESUME)),--resume) $(TRAIN_ARGS)
 
 bench: env
-	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) bench/run.py $(if $(filter-out 0,$(FULL)),--full) --models-dir "$(MODELS_DIR)" $(BENCH_ARGS)
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) bench/run.py $(if $(filter-out 0,$(FULL)),--full) --models-dir "$(MODELS_DIR)" --readme $(BENCH_ARGS)
 
 eval: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/eval.py --models-dir "$(MODELS_DIR)" --clips "$(CLIPS)" $(EVAL_ARGS)
