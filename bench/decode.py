@@ -7,7 +7,9 @@ runs in one worker process, repeat after repeat: the time and the peak memory ab
 with its defaults except the tile (the same 4x4 grid): 64-frame temporal tiles with 8 frames of overlap, so at
 FULL=1's 69 frames its temporal seam is inside the comparison.
 """
-from harness import peak_memory, median, run_worker, section, table, worker
+from statistics import median
+
+from harness import peak_memory, run_worker, section, table, worker
 
 VARIANTS = ("untiled", "pack_tiled", "comfyui_tiled")
 OVERLAP_PX = 64

@@ -6,10 +6,10 @@ overhead around tiny models, not what real weights would give. GPU (`gpu`): the 
 files from MODELS_DIR at 1080p output, plus the allocator's peak VRAM; without CUDA or MODELS_DIR it is skipped,
 saying why. Model loading is timed apart and left out of the frame rate.
 """
-import time
 from pathlib import Path
+from statistics import median
 
-from harness import REPO, median, run_worker, section, table, worker
+from harness import REPO, run_worker, section, table, timed, worker
 from stream import synth_clip
 
 
@@ -21,6 +21,7 @@ def e2e_worker(config):
 
     ranks = tool.Ranks(environ={})
     cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
     models = ["--dit", config["dit"], "--vae", config["vae"]] if config.get("dit") else ["--stand-ins"]
     output = Path(config["scratch"]) / "e2e.mp4"
 
@@ -29,10 +30,9 @@ def e2e_worker(config):
                 "--steps", str(steps), "--seed", "0", *models]
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        result = tool.run(tool.parse_args(argv), ranks)
-        seconds = time.perf_counter() - started - result["load_seconds"]
-        return {"frames": result["frames"], "size": [result["width"], result["height"]], "seconds": seconds,
+        result, seconds = timed(lambda: tool.run(tool.parse_args(argv), ranks), device)
+        return {"frames": result["frames"], "size": [result["width"], result["height"]],
+                "seconds": seconds - result["load_seconds"],
                 "load_seconds": result["load_seconds"],
                 "peak_vram_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
@@ -44,7 +44,7 @@ def e2e_worker(config):
         vram = [r["peak_vram_bytes"] for r in repeats if r["peak_vram_bytes"] is not None]
         summary[steps] = {"fps": round(repeats[0]["frames"] / seconds, 3), "median_seconds": round(seconds, 3),
                           "peak_vram_gib": round(max(vram) / 2 ** 30, 2) if vram else None}
-    return {"runs": runs, "summary": summary, "device": "cuda" if cuda else "cpu",
+    return {"runs": runs, "summary": summary, "device": str(device),
             "models": "stand-ins" if models == ["--stand-ins"] else [Path(m).name for m in models[1::2]]}
 
 
@@ -52,8 +52,8 @@ def _measure(args, name, clip, scale, dit=None, vae=None):
     config = {"input": str(clip), "scale": scale, "steps": [int(s) for s in args.e2e_steps.split(",")],
               "repeats": args.repeats, "scratch": str(args.scratch), "dit": dit and str(dit), "vae": vae and str(vae)}
     run = run_worker(name, config, args.scratch / f"{name}.log", timeout=args.timeout)
-    frames = run["runs"][str(config["steps"][0])][0]["frames"]
-    size = run["runs"][str(config["steps"][0])][0]["size"]
+    first = run["runs"][str(config["steps"][0])][0]
+    frames, size = first["frames"], first["size"]
     print("\n" + table(["steps", "frames", "output", "median s", "fps", "peak VRAM GiB"],
                        [[steps, frames, f"{size[0]}x{size[1]}", s["median_seconds"], s["fps"],
                          s["peak_vram_gib"] if s["peak_vram_gib"] is not None else "-"]

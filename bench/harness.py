@@ -86,12 +86,6 @@ def table(headers, rows):
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows])
 
 
-def median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 # --- measuring a child process ----------------------------------------------------------------------------------
 
 # glibc otherwise keeps freed blocks (and raises its mmap threshold after each large free), so RSS would stay at
@@ -154,6 +148,19 @@ def _status_bytes(field):
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field + ":"))
 
 
+def timed(function, device):
+    """(function's result, seconds), with the device's queued work finished on both sides (CUDA runs async)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    result = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - started
+
+
 def peak_memory(function, device):
     """(function's result, seconds, peak bytes above the memory in use when it started).
 
@@ -163,7 +170,6 @@ def peak_memory(function, device):
 
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
@@ -174,10 +180,6 @@ def peak_memory(function, device):
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # VmHWM := current RSS
         base = _status_bytes("VmRSS")
-    started = time.perf_counter()
-    result = function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
+    result, seconds = timed(function, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
     return result, seconds, peak - base

@@ -8,9 +8,9 @@ repeat after repeat, and each ratio is a ratio of medians. Weights are random: t
 on their values.
 """
 import math
-import time
+from statistics import median
 
-from harness import proc_meminfo, median, run_worker, section, table, worker
+from harness import run_worker, section, table, timed, worker
 
 # Real Wan geometries (the released configs): width, depth, FFN width, latent channels.
 GEOMETRIES = {
@@ -46,9 +46,14 @@ def overhead_worker(config):
     import tiny_models
     from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
     from comfyui_litevsr.nodes.core.adapter import trainable_parameters
+    from comfyui_litevsr.nodes.core.memory import host_available_bytes
     from comfyui_litevsr.nodes.model_nodes import new_adapter
 
     geometry = GEOMETRIES[config["geometry"]]
+    need, have = load_bytes_needed(geometry), host_available_bytes()
+    if need > 0.9 * have:
+        return {"skipped": f"needs about {need / 2 ** 30:.0f} GiB of host memory to build and load in float32 "
+                           f"(state dict + loaded copy), {have / 2 ** 30:.1f} GiB available here"}
     state = tiny_models.tiny_wan_dit_state_dict(**geometry)
     model = comfy.sd.load_diffusion_model_state_dict(state)
     del state
@@ -76,21 +81,12 @@ def overhead_worker(config):
 
     calls = {"bare": bare, **{mode: (lambda f=f: f(x, sigma, lr, estimate)) for mode, f in steered.items()}}
 
-    def timed(call):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        out = call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return out, time.perf_counter() - started
-
     times = {name: [] for name in calls}
     with torch.inference_mode():
-        outputs = {name: timed(call)[0] for name, call in calls.items()}  # warm-up: kernel choice, lazy init
+        outputs = {name: timed(call, device)[0] for name, call in calls.items()}  # warm-up: kernels, lazy init
         for _ in range(config["repeats"]):
             for name, call in calls.items():  # interleaved, so drift in machine speed hits all alike
-                times[name].append(timed(call)[1])
+                times[name].append(timed(call, device)[1])
     # A zero-initialised adapter must leave the backbone's output unchanged: proof the timed path is the real one.
     identity = {mode: float((outputs[mode] - outputs["bare"]).abs().max()) for mode in MODES}
     medians = {name: median(values) for name, values in times.items()}
@@ -108,18 +104,15 @@ def overhead_section(args):
     runs, skipped = {}, {}
     ok = True
     for name in args.overhead_geometries.split(","):
-        geometry = GEOMETRIES[name]
-        need, have = load_bytes_needed(geometry), proc_meminfo("MemAvailable")
-        if have is not None and need > 0.9 * have:
-            skipped[name] = (f"needs about {need / 2 ** 30:.0f} GiB of host memory to build and load in float32 "
-                             f"(state dict + loaded copy), {have / 2 ** 30:.1f} GiB available here")
-            print(f"\n[bench adapter_overhead] {name}: SKIPPED, {skipped[name]}", flush=True)
-            continue
-        print(f"\n[bench adapter_overhead] {name}: {geometry}, latent {args.overhead_latent}, "
+        print(f"\n[bench adapter_overhead] {name}: {GEOMETRIES[name]}, latent {args.overhead_latent}, "
               f"{args.repeats} repeats", flush=True)
         config = {"geometry": name, "latent": [int(v) for v in args.overhead_latent.split("x")],
                   "repeats": args.repeats}
         run = run_worker("adapter_overhead", config, args.scratch / f"overhead_{name}.log", timeout=args.timeout)
+        if "skipped" in run:
+            skipped[name] = run["skipped"]
+            print(f"[bench adapter_overhead] {name}: SKIPPED, {skipped[name]}", flush=True)
+            continue
         medians = run["median_step_seconds"]
         run["ratio"] = {mode: round(medians[mode] / medians["bare"], 3) for mode in MODES}
         run["params_share"] = {mode: round(run["adapter_params"][mode] / run["backbone_params"], 4) for mode in MODES}

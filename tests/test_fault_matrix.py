@@ -535,22 +535,24 @@ def test_path_with_spaces_and_non_ascii(comfy, inputs, tmp_path):
 
 # --- Runs -----------------------------------------------------------------------------------------------------------
 
-def assert_interrupted_at(results, prompt_id, node_id, comfy, prefix):
+def interrupt_in_node(comfy, prompt, node_id, prefix):
+    """Queues `prompt`, interrupts it after `node_id`'s first progress update: it must stop in that node, save no
+    video, and leave the server up."""
+    runs = Runs(comfy, interrupt_at(comfy, node_id, after=1))
+    prompt_id = runs.queue(prompt)
+    results = runs.wait()
     assert results[prompt_id]["status"] == "interrupted", results
     assert results[prompt_id]["node"] == node_id, results
     assert not list((comfy.base / "output" / "fm").glob(f"{prefix}*")), "an interrupted run saved a video"
+    assert_server_up(comfy)
 
 
 @matrix("Runs", "interrupt during sampling")
 def test_interrupt_during_sampling(comfy, inputs):
     prompt = example(TEST_CLIP, "fm/interrupt_sampling", steps=50)
-    prompt[node(prompt, "LiteVSRSampler")]["inputs"]["seed"] = 101  # not a cached result
     sampler = node(prompt, "LiteVSRSampler")
-    runs = Runs(comfy, interrupt_at(comfy, sampler, after=1))
-    prompt_id = runs.queue(prompt)
-    results = runs.wait()
-    assert_interrupted_at(results, prompt_id, sampler, comfy, "interrupt_sampling")
-    assert_server_up(comfy)
+    prompt[sampler]["inputs"]["seed"] = 101  # not a cached result
+    interrupt_in_node(comfy, prompt, sampler, "interrupt_sampling")
 
 
 @matrix("Runs", "interrupt during decode")
@@ -561,11 +563,7 @@ def test_interrupt_during_decode(comfy, inputs):
     decode = node(prompt, "LiteVSRTiledDecode")
     prompt[decode]["inputs"].update(tile_size=64, overlap=32)
     prompt[node(prompt, "LiteVSRSampler")]["inputs"]["seed"] = 102
-    runs = Runs(comfy, interrupt_at(comfy, decode, after=1))
-    prompt_id = runs.queue(prompt)
-    results = runs.wait()
-    assert_interrupted_at(results, prompt_id, decode, comfy, "interrupt_decode")
-    assert_server_up(comfy)
+    interrupt_in_node(comfy, prompt, decode, "interrupt_decode")
 
 
 @matrix("Runs", "second run queued right after an interrupted one (memory back to baseline)")
