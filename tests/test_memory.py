@@ -35,6 +35,9 @@ from comfyui_litevsr.nodes.core.memory import (
     host_available_bytes, oom_stage, plan, run_with_oom_retry)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import harness  # noqa: E402  (the benchmarks' peak-memory probe and allocator settings)
+
 COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
 SIGNATURES = [WAN21_1_3B, WAN21_14B, WAN22_5B]
 
@@ -123,12 +126,13 @@ def test_host_available_bytes_is_plausible():
 # --------------------------------------------------------------------------------------------------------------
 
 _MEASURE = r'''
-import gc, importlib.util, json, sys, weakref
+import importlib.util, json, sys, weakref
 from types import SimpleNamespace
 
 repo, comfy_path, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 sys.path.insert(0, comfy_path)
 sys.path.insert(0, repo + "/tools")
+sys.path.insert(0, repo + "/bench")
 import torch
 
 torch.set_num_threads(2)
@@ -148,6 +152,7 @@ from torch.utils._pytree import tree_flatten
 from litevsr_measure.nodes.backbone import DIFFUSION_MODEL, KEY, AdapterWrapper, BlockPatch
 from litevsr_measure.nodes.core.adapter import AdapterConfig, StateAwareAdapter
 from litevsr_measure.nodes.core.geometry import BackboneSignature
+from harness import peak_memory
 from tiny_models import _init_
 
 dim, layers, ffn = cfg["dim"], cfg["layers"], cfg["ffn"]
@@ -168,13 +173,6 @@ def forward(mode, t, h, w, dtype=torch.float32):
     x, lr = (torch.randn(1, 16, t, h, w, generator=gen).to(dtype) for _ in range(2))
     context = torch.zeros(1, 512, 4096, dtype=dtype)
     return model(x, torch.full((1,), 500.0), context, transformer_options=options, vsr_lr=lr, vsr_est=lr)
-
-
-def status(key):
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
 
 
 class LiveTensors(TorchDispatchMode):
@@ -206,17 +204,8 @@ with torch.inference_mode():
     forward("direct", 1, 16, 16)  # warm-up: lazy initialisation, kernel selection
     forward("shared_blocks", 1, 16, 16)
     for mode, (t, h, w) in cfg["runs"]:
-        gc.collect()
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        base = status("VmRSS")
-        out = forward(mode, t, h, w)
-        results.append({"kind": "rss", "mode": mode, "shape": [t, h, w], "bytes": status("VmHWM") - base})
+        out, _, peak = peak_memory(lambda: forward(mode, t, h, w), torch.device("cpu"))  # VmHWM - VmRSS before
+        results.append({"kind": "rss", "mode": mode, "shape": [t, h, w], "bytes": peak})
         del out
     # bfloat16 DiT (as on GPU) with the adapter in float32: live-tensor trace, exact and allocator-free
     model.to(torch.bfloat16)
@@ -240,8 +229,7 @@ CALIBRATION_FACTOR = 1.6  # asserted: measured <= estimate <= 1.6 x measured
 def measured():
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs /proc/self/clear_refs (Linux >= 4.0) to reset the peak RSS")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
-               OMP_NUM_THREADS="2", PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, **harness.ALLOCATOR_ENV, OMP_NUM_THREADS="2", PYTHONDONTWRITEBYTECODE="1")
     run = subprocess.run([sys.executable, "-c", _MEASURE, str(REPO), str(COMFY), json.dumps(CALIBRATION)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
