@@ -232,7 +232,6 @@ def main(argv=None):
             all_ok &= ok
             write_json({**{k: v for k, v in results.items() if k != "sections"}, **headline(results),
                         "sections": results["sections"]}, out)
-    results = json.loads(out.read_text()) if out.is_file() else results
     plots(results, out.parent)
     if args.readme:
         update_readme(results)
