@@ -87,11 +87,10 @@ def gpu_section(args):
     elif not args.models_dir:
         reason = "no MODELS_DIR given (make bench MODELS_DIR=... with the real Wan2.1-1.3B files)"
     else:
-        dit = Path(args.models_dir) / "diffusion_models" / demo.DIT_NAME
-        vae = Path(args.models_dir) / "vae" / demo.VAE_NAME
-        missing = [str(p) for p in (dit, vae) if not p.is_file()]
-        if missing:
-            reason = f"MODELS_DIR lacks {', '.join(missing)}"
+        try:
+            dit, vae = demo.model_files(args.models_dir)
+        except FileNotFoundError as missing:
+            reason = str(missing)
     if reason:
         print(f"\n[bench gpu] SKIPPED: {reason}", flush=True)
         return {"skipped": reason}, True, {"gpu": {"skipped": reason}}

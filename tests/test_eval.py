@@ -144,3 +144,18 @@ def test_eval_end_to_end_with_stand_ins(tmp_path):
     crop = out / clip_report["crop"]["file"]
     assert crop.name == "small_frame002_crop.png" and 0 < crop.stat().st_size < 1_000_000
     assert sorted(p.name for p in out.iterdir()) == sorted(["eval.json", "eval.md", crop.name])
+
+
+def test_models_dir_rows_use_its_files_and_name_the_missing_ones(tmp_path):
+    args = eval_tool.parse_args(["--models-dir", str(tmp_path), "--steps", "1,4"])
+    with pytest.raises(FileNotFoundError, match="MODELS_DIR lacks .*diffusion_models.* and .*vae"):
+        eval_tool.litevsr_settings(args)
+    for folder, name in (("diffusion_models", demo.DIT_NAME), ("vae", demo.VAE_NAME)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(b"")
+    runs, models = eval_tool.litevsr_settings(args)
+    assert list(runs) == ["LiteVSR 1 step", "LiteVSR 4 steps"]
+    frames, model_args, steps, note = runs["LiteVSR 4 steps"]
+    assert model_args == ["--dit", str(tmp_path / "diffusion_models" / demo.DIT_NAME),
+                          "--vae", str(tmp_path / "vae" / demo.VAE_NAME)] and steps == 4
+    assert note == "new zero-init adapter (bare backbone)" and demo.DIT_NAME in models

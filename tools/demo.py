@@ -184,17 +184,24 @@ def configure(prompt, *, input_name=None, scale=None, steps=None, adapter=None, 
     return prompt
 
 
+def model_files(models_dir, dit=DIT_NAME, vae=VAE_NAME):
+    """(DiT path, VAE path) inside a ComfyUI-style models folder; refuses, naming them, files that are missing."""
+    models_dir = Path(models_dir)
+    paths = models_dir / "diffusion_models" / dit, models_dir / "vae" / vae
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"MODELS_DIR lacks {' and '.join(missing)}")
+    return paths
+
+
 def stage_models(base, models_dir, dit, vae):
     """Stand-ins into base/models (returns None), or an extra_model_paths.yaml for real models (returned)."""
     if models_dir is None:
         print(STAND_IN_BANNER, flush=True)
         build_stand_ins(Path(base) / "models")
         return None
-    models_dir = Path(models_dir)
-    missing = [str(p) for p in (models_dir / "diffusion_models" / dit, models_dir / "vae" / vae) if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"MODELS_DIR lacks {' and '.join(missing)}")
-    return comfy_server.prepare_base(base, models_dir)
+    model_files(models_dir, dit, vae)
+    return comfy_server.prepare_base(base, Path(models_dir))
 
 
 def stage_adapter(base, adapter):

@@ -531,10 +531,7 @@ def litevsr_settings(args):
         model_args, note, models = ["--stand-ins"], STAND_IN_NOTE, "tiny random-weight Wan stand-ins (smoke test)"
     else:
         root = Path(args.models_dir)
-        dit, vae = root / "diffusion_models" / args.dit, root / "vae" / args.vae
-        missing = [str(p) for p in (dit, vae) if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"MODELS_DIR lacks {' and '.join(missing)}")
+        dit, vae = demo.model_files(root, args.dit, args.vae)
         model_args, note = ["--dit", str(dit), "--vae", str(vae)], "new zero-init adapter (bare backbone)"
         if args.adapter:
             adapter = Path(args.adapter) if Path(args.adapter).is_file() else root / "litevsr" / args.adapter
