@@ -2,6 +2,11 @@
 # by tools/bootstrap_env.sh into ~/.cache/comfyui-litevsr and linked here as .venv and .comfyui.
 #
 #   make test                      the whole test suite (unit, in-process ComfyUI, real headless server)
+#   make test-matrix [MATRIX_COMFYUI="wheel path/to/comfyui-x.tar.gz ..."] [MATRIX_PARTIAL="0.8.0 ..."]
+#                                  the suite against each ComfyUI (default: 0.3.75 from the wheel plus every snapshot in
+#                                  ../shared/comfyui/), each in its own cached environment, then one table of
+#                                  version x passed/failed/skipped (tools/test_matrix.py); versions in MATRIX_PARTIAL
+#                                  run the compatibility subset (models, end to end, streaming, training)
 #   make test-browser              only the browser test: the examples in ComfyUI's front end in headless Chromium
 #                                  (needs chromium + chromedriver: apt-get install chromium chromium-driver; skipped
 #                                  with the reason otherwise); LITEVSR_UPDATE_SCREENSHOTS=1 rewrites docs/images/*.png
@@ -21,6 +26,7 @@
 #   make bench [FULL=1] [MODELS_DIR=...] [BENCH_ARGS=...]   benchmarks -> bench/results/latest.json + PNG plots,
 #                                  README's performance table rewritten from it (bench/run.py): quick by default;
 #                                  the gpu section needs CUDA and MODELS_DIR
+#   make gpu-check [GPU_CHECK_ARGS=...]   on one CUDA GPU (~10 min): examples, training, streaming under Dynamic VRAM
 #   make eval [MODELS_DIR=...] [CLIPS=a.mp4,videos/] [EVAL_ARGS=...]   quality at 4x: PSNR, SSIM, warping error,
 #                                  BRISQUE, NIQE of LiteVSR against bicubic, SPAN x4 and Real-ESRGAN x4plus (ncnn)
 #                                  on bicubic-downscaled real clips (default bigbuckbunny), after a sanity row that
@@ -35,7 +41,10 @@
 # random-weight Wan stand-ins: the output only demonstrates the pipeline. So do `make upscale` and `make train`
 # without DIT/VAE.
 
-PYTHON   := .venv/bin/python
+# LITEVSR_PYTHON: the matrix runs each version's tests (and the make targets they call) with that environment
+PYTHON   := $(or $(LITEVSR_PYTHON),.venv/bin/python)
+MATRIX_COMFYUI ?=
+MATRIX_PARTIAL ?=
 INPUT    ?=
 OUTPUT   ?= output/demo.mp4
 SCALE    ?= 4
@@ -68,13 +77,17 @@ TORCHRUN_LAUNCH = $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distrib
 # STEPS defaults to 1 for sampling; `make train` takes only a STEPS that was given
 TRAIN_STEPS = $(if $(filter command line environment,$(origin STEPS)),$(STEPS),)
 
-.PHONY: env test test-browser demo serve upscale train bench eval models clean
+.PHONY: env test test-matrix test-browser demo serve upscale train bench gpu-check eval models clean
 
 env:
-	@bash tools/bootstrap_env.sh
+	@$(if $(LITEVSR_PYTHON),true,bash tools/bootstrap_env.sh)
 
 test: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests $(PYTEST_FLAGS)
+
+test-matrix:
+	PYTHONDONTWRITEBYTECODE=1 python3 tools/test_matrix.py $(foreach spec,$(MATRIX_COMFYUI),--comfyui "$(spec)") \
+		$(foreach version,$(MATRIX_PARTIAL),--partial "$(version)")
 
 test-browser: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests/test_browser.py $(PYTEST_FLAGS)
@@ -102,6 +115,10 @@ train: env
 
 bench: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) bench/run.py $(if $(filter-out 0,$(FULL)),--full) --models-dir "$(MODELS_DIR)" --readme $(BENCH_ARGS)
+
+# no `env` prerequisite: the script builds (only where a GPU is visible) or reuses its own ComfyUI 0.33.0 environment
+gpu-check:
+	bash tools/gpu_check.sh $(GPU_CHECK_ARGS)
 
 eval: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/eval.py --models-dir "$(MODELS_DIR)" --clips "$(CLIPS)" $(EVAL_ARGS)

@@ -43,3 +43,11 @@ def test_dependencies_match_requirements_and_never_pin_torch():
     requirements = sorted(r for r in requirements if r)
     assert sorted(PROJECT["project"]["dependencies"]) == requirements
     assert not any(re.match(r"(torch|torchvision|torchaudio)\b", r) for r in requirements)
+
+
+def test_requires_comfyui_is_the_oldest_version_the_readme_lists_as_tested():
+    floor = re.fullmatch(r">=(\d+\.\d+\.\d+)", PROJECT["tool"]["comfy"]["requires-comfyui"]).group(1)
+    section = (REPO / "README.md").read_text().split("### ComfyUI versions", 1)[1].split("\n#", 1)[0]
+    tested = [row.split("|")[1] for row in section.splitlines() if row.startswith("| **")]
+    versions = [tuple(map(int, re.search(r"\*\*(\d+\.\d+\.\d+)\*\*", row).group(1).split("."))) for row in tested]
+    assert versions and min(versions) == tuple(map(int, floor.split(".")))
