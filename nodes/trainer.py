@@ -2,10 +2,11 @@
 one run loop (resume, checkpoints, validation, progress, interrupts) serves the Train node and tools/train.py.
 
 ComfyUI executes every node under torch.inference_mode(), and weights loaded by an upstream loader are inference
-tensors that autograd refuses to save for backward (comfyui-integration.md §4). The run therefore happens inside
-inference_mode(False), the frozen weights that are inference tensors are swapped for ordinary clones of the same
-values (the backbone stays frozen: requires_grad False, values untouched), and the adapter is rebuilt there.
+tensors that autograd refuses to save for backward. The run therefore happens inside inference_mode(False), on a
+backbone whose weights are ordinary tensors (`frozen_backbone`), with the adapter rebuilt there, and with ComfyUI's
+training switches on (`training_mode.py`).
 """
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from .core.checkpoint import load_checkpoint, resume_step, save_checkpoint
 from .core.geometry import TEXT_TOKENS
 from .core.training import AdapterTrainer, PairMaker, World, validation_loss, validation_set
 from .pipeline import lr_encoder
+from .training_mode import TrainingUnsupported, comfy_training_mode
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -35,6 +37,23 @@ def thaw_inference_tensors(module):
                 comfy.utils.set_attr(module, name, tensor.clone())
             thawed += 1
     return thawed
+
+
+def frozen_backbone(model):
+    """The MODEL a training run works on, held as core's trainer holds it where ComfyUI can: a deep copy reloaded by
+    the loader that made it (`clone(force_deepcopy=True)`, ComfyUI >= 0.1x with a stock loader), created here
+    outside inference mode so its weights are ordinary tensors, and the MODEL other nodes hold is never touched;
+    under Dynamic VRAM the weights live in ComfyUI's own buffers, so this is the only way. Elsewhere (0.3.x, or a
+    MODEL from a loader that cannot reload it) a clone whose inference-tensor weights are swapped for ordinary
+    copies of the same values once it is loaded (`thaw_inference_tensors`, a no-op on the deep copy)."""
+    if "force_deepcopy" in inspect.signature(model.clone).parameters \
+            and getattr(model, "cached_patcher_init", None) is not None:
+        return model.clone(force_deepcopy=True)
+    if getattr(model, "is_dynamic", lambda: False)():
+        raise TrainingUnsupported(
+            "This MODEL is held by ComfyUI's Dynamic VRAM and its loader cannot reload it for training: load it with "
+            "'Load Diffusion Model', or start ComfyUI with --disable-dynamic-vram.")
+    return model.clone()
 
 
 def autocast_dtype(device, precision):
@@ -72,7 +91,7 @@ class RunSettings:
 
 @dataclass
 class RunResult:
-    model: object  # the MODEL with the trained adapter attached (the patcher training ran on: no second copy)
+    model: object  # the caller's MODEL (a clone) with the trained adapter attached
     adapter: StateAwareAdapter
     context: torch.Tensor
     losses: list  # training loss per optimizer step, from step 1 (a resumed run includes the earlier steps)
@@ -112,15 +131,16 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
     check_clip_geometry(dataset, scale, signature)
     if validation_dataset is not None:  # refused before any training step, not at the first validation
         check_clip_geometry(validation_dataset, scale, signature, role="validation")
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
         if context is None:
             context = torch.zeros(1, TEXT_TOKENS, signature.text_dim)
         adapter, context, resume_state = _starting_point(adapter, context.clone(), settings, signature,
                                                               config.steps)
-        patched = attach_adapter(model, adapter, context)
-        patched.model.requires_grad_(False)
+        backbone = frozen_backbone(model)
+        backbone.model.requires_grad_(False)
+        patched = attach_adapter(backbone, adapter, context)
         denoise = make_denoiser(patched, gradient_checkpointing=settings.gradient_checkpointing)
-        thaw_inference_tensors(patched.model)
+        thaw_inference_tensors(patched.model)  # after loading: the weights the device really holds
         device = patched.load_device
         vae_encode = lr_encoder(vae, model)
         resident = [patched] + patched.get_nested_additional_models()
@@ -168,5 +188,6 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
         adapter.requires_grad_(False)
         for parameter in adapter.parameters():
             parameter.grad = None
-        return RunResult(patched, adapter, context, list(trainer.losses), history,
-                         resume_state[0] if resume_state is not None else None)
+    # The trained adapter goes out on the MODEL the caller gave (a light clone): the training copy is dropped.
+    return RunResult(attach_adapter(model, adapter, context), adapter, context, list(trainer.losses), history,
+                     resume_state[0] if resume_state is not None else None)

@@ -257,24 +257,25 @@ def run(args, ranks):
     ranks.say(f"{len(dataset.videos)} training videos in {args.data}"
               + (f", {len(validation.videos)} held out in {args.validation_data}" if validation else ""))
 
+    # the stand-in files outlive the run: newer ComfyUI reloads the DiT from its file for training (force_deepcopy)
     with tempfile.TemporaryDirectory(prefix="litevsr-stand-ins-") as scratch:
         dit_path, vae_path = build_stand_ins(scratch, **STAND_IN_DIT) if args.stand_ins else (args.dit, args.vae)
         model, vae = load_models(dit_path, vae_path)
-    adapter, context = starting_adapter(model, args)
-    ranks.say(f"models loaded in {time.monotonic() - t0:.1f} s", everyone=ranks.shared)
+        adapter, context = starting_adapter(model, args)
+        ranks.say(f"models loaded in {time.monotonic() - t0:.1f} s", everyone=ranks.shared)
 
-    settings = RunSettings(checkpoint_dir=str(folder), checkpoint_every=args.checkpoint_every,
-                           keep_checkpoints=args.keep_checkpoints, resume=resume_step is not None,
-                           validation_every=args.validation_every, validation_clips=args.validation_clips,
-                           gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
-                           run_metadata=record)
-    global_batch = config.batch_size * config.grad_accumulation * ranks.world
-    ranks.say(f"training {config.steps} steps" + (f" from checkpoint step {resume_step}" if resume_step else "")
-              + f": global batch {global_batch} clips ({config.batch_size} per pass x {config.grad_accumulation} "
-              f"accumulated x {ranks.world} process{'es' if ranks.shared else ''}), {args.clip_frames} frames "
-              f"{args.crop[1]}x{args.crop[0]}, x{args.scale} {args.preset} degradation")
-    result = train_adapter(model, vae, dataset, degradation, args.scale, config, adapter, context, settings,
-                           validation, World(ranks.rank, ranks.world), progress_hooks(ranks, args.log_every))
+        settings = RunSettings(checkpoint_dir=str(folder), checkpoint_every=args.checkpoint_every,
+                               keep_checkpoints=args.keep_checkpoints, resume=resume_step is not None,
+                               validation_every=args.validation_every, validation_clips=args.validation_clips,
+                               gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
+                               run_metadata=record)
+        global_batch = config.batch_size * config.grad_accumulation * ranks.world
+        ranks.say(f"training {config.steps} steps" + (f" from checkpoint step {resume_step}" if resume_step else "")
+                  + f": global batch {global_batch} clips ({config.batch_size} per pass x {config.grad_accumulation} "
+                  f"accumulated x {ranks.world} process{'es' if ranks.shared else ''}), {args.clip_frames} frames "
+                  f"{args.crop[1]}x{args.crop[0]}, x{args.scale} {args.preset} degradation")
+        result = train_adapter(model, vae, dataset, degradation, args.scale, config, adapter, context, settings,
+                               validation, World(ranks.rank, ranks.world), progress_hooks(ranks, args.log_every))
     seconds = round(time.monotonic() - t0, 1)
     if ranks.rank != 0:
         return None
