@@ -31,6 +31,12 @@ def source_path(video):
     if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
         raise ValueError("Upscale Video File needs a video loaded from a file (Load Video); this VIDEO lives in "
                          "memory. Save it first, or use the short-clip nodes.")
+    # newer ComfyUI (0.33 has it): Video Slice returns the same file with a trim window, which reading the file would ignore
+    start, duration = getattr(video, "get_active_trim_window", lambda: (0.0, 0.0))()
+    if start or duration:
+        raise ValueError(f"This VIDEO is a trimmed view of its file (start {start:g} s, duration {duration:g} s, from "
+                         "Video Slice); Upscale Video File reads whole files. Save the trimmed video first (Save "
+                         "Video) and load that file, or trim the video before loading it.")
     return source
 
 

@@ -751,7 +751,8 @@ def test_make_train_on_a_folder_without_a_usable_clip(tmp_path, mixed_data):
 @matrix("Paths", "model names with .. or absolute paths")
 def test_model_names_cannot_leave_the_model_folders(comfy, inputs, train_folder):
     """Stock loaders: ComfyUI's validation refuses names not in the folder's list. The pack's adapter combos (Attach,
-    Train) go through folder_paths, which resolves any name inside models/litevsr: a file elsewhere is not found."""
+    Train) are refused the same way on newer ComfyUI; 0.3.75 lets them through to folder_paths, which resolves any
+    name inside models/litevsr, so a file elsewhere is not found."""
     vae_path = comfy.base / "models" / "vae" / demo_tool.VAE_NAME
     for dit in ("../vae/" + demo_tool.VAE_NAME, str(vae_path)):
         fails(comfy, example(TEST_CLIP, "fm/model_path", dit=dit), "prompt rejected", "Value not in list")
@@ -760,10 +761,13 @@ def test_model_names_cannot_leave_the_model_folders(comfy, inputs, train_folder)
     outside = comfy.base / "models" / "diffusion_models" / "fm_outside.safetensors"
     save_adapter(outside, new_adapter(TINY_WAN21, "direct", 0), None)  # a valid adapter, in the wrong folder
     for adapter in ("../diffusion_models/fm_outside.safetensors", str(outside)):
-        fails(comfy, example(TEST_CLIP, "fm/model_path", adapter=adapter), "Model in folder 'litevsr' with filename",
-              "not found", node_type="LiteVSRAttachAdapter")
-        graph = train_prompt("fm_adapter_path", steps=1, adapter=adapter)
-        fails(comfy, graph, "Model in folder 'litevsr' with filename", "not found", node_type="LiteVSRTrainAdapter")
+        for graph, node_type in ((example(TEST_CLIP, "fm/model_path", adapter=adapter), "LiteVSRAttachAdapter"),
+                                 (train_prompt("fm_adapter_path", steps=1, adapter=adapter), "LiteVSRTrainAdapter")):
+            message = fails(comfy, graph, node_type=node_type)
+            # 0.3.75 lets the name through validation and folder_paths does not find it; newer ComfyUI already
+            # refuses a combo value that is not in the list. Either way: refused, nothing read, nothing written.
+            assert "Value not in list" in message or \
+                ("Model in folder 'litevsr' with filename" in message and "not found" in message), message
 
 
 @matrix("Paths", "output names with .. or absolute paths")

@@ -72,6 +72,22 @@ def test_long_video_example_streams_clip_with_audio(comfy, stream_clips):
     assert "LiteVSR memory plan" in log and "in 6 chunk(s), overlap 4 frames" in log
 
 
+def test_trimmed_video_is_refused_before_any_work(comfy, object_info, stream_clips):
+    """Newer ComfyUI's Trim Video ("Video Slice") hands on the same file with a trim window; reading the file would
+    upscale frames the user cut away. The node refuses with the fix, and writes nothing."""
+    if "Video Slice" not in object_info:
+        pytest.skip("this ComfyUI has no Trim Video (Video Slice) node")
+    prompt = stream_prompt(CLIP, "stream_e2e/trimmed")
+    (node_id,) = [k for k, n in prompt.items() if n["class_type"] == NODE]
+    prompt["98"] = {"class_type": "Video Slice", "inputs": {"video": prompt[node_id]["inputs"]["video"],
+                                                            "start_time": 0.2, "duration": 0.5,
+                                                            "strict_duration": False}}
+    prompt[node_id]["inputs"]["video"] = ["98", 0]
+    with pytest.raises(comfy_server.ComfyError, match="trimmed view of its file.*Save the trimmed video first"):
+        comfy.run_prompt(prompt, timeout=120)
+    assert not list((comfy.base / "output").glob("stream_e2e/trimmed*")) and leftovers(comfy) == []
+
+
 @pytest.mark.matrix("Runs", "interrupt during streaming encode")
 def test_interrupt_leaves_no_file_and_the_next_run_works(comfy, stream_clips):
     """POST /interrupt once the first chunk is done: the run stops, the temporary file that was being written is

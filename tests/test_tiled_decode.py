@@ -109,7 +109,8 @@ def test_comfyui_temporal_tiling_leaves_a_temporal_seam_ours_does_not(tiny_vae, 
     # decode from there on; ours keeps every frame of the one-pass decode.
     decode = _vae_decoder(tiny_vae)
     one_pass = decode(vae_latent)
-    comfy_tiled = tiny_vae.decode_tiled(vae_latent, tile_x=64, tile_y=64, overlap=1, tile_t=2, overlap_t=1)[0]
+    with torch.inference_mode():  # as ComfyUI runs its VAEDecodeTiled node (0.33 updates inference tensors in place)
+        comfy_tiled = tiny_vae.decode_tiled(vae_latent, tile_x=64, tile_y=64, overlap=1, tile_t=2, overlap_t=1)[0]
     ours = tiled_decode(vae_latent, decode, STRIDE, tile_px=64, overlap_px=16)
 
     comfy_error = (comfy_tiled - one_pass).abs().amax(dim=(1, 2, 3))

@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -246,8 +247,10 @@ def demo(args):
             print("[demo] node times: " + ", ".join(f"{prompt[n]['class_type']} {t:.1f} s" for n, t in slow
                                                      if n in prompt and t >= 0.1), flush=True)
             for line in server.log_tail(400).splitlines():  # the streaming node's plan and chunking
-                if line.startswith(("LiteVSR memory plan", "LiteVSR: ")) and not line.startswith("LiteVSR: chunk "):
-                    print(f"[demo] {line}", flush=True)
+                # newer ComfyUI prefixes each log line with a (coloured) level: the message is what follows it
+                found = re.search(r"LiteVSR memory plan.*|LiteVSR: (?!chunk ).*", line)
+                if found:
+                    print(f"[demo] {found.group(0)}", flush=True)
         videos = [p for p in paths if p.suffix.lower() in (".mp4", ".webm", ".mkv", ".mov")]
         if len(videos) != 1 or not videos[0].is_file():
             raise RuntimeError(f"expected one saved video, the graph reported {[str(p) for p in paths]}")
