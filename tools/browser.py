@@ -25,7 +25,7 @@ BENIGN_CONSOLE = [
     (r"/api/userdata/comfy\.templates\.json - Failed to load resource: .* 404",
      "a fresh user directory has no saved node templates"),
     (r"Connecting to 'https://api\.comfy\.org/[^']*' violates the following Content Security Policy directive: "
-     r"\"connect-src 'self'\"",
+     r"\"connect-src 'self'( data:)?\"",
      "the harness starts ComfyUI with --disable-api-nodes, which makes the server send a connect-src 'self' CSP: "
      "the front end's look-ups of node packs on api.comfy.org (made for every loaded node type) are blocked, as "
      "intended for an offline server"),
@@ -33,6 +33,14 @@ BENIGN_CONSOLE = [
      r":[\d:]+\)\s+at Proxy\.set",
      "front end 1.32.9 bug (its useRenderModeSetting, Comfy-Org/ComfyUI_frontend PR #6755, sets "
      "LiteGraph.Canvas.MinFontSizeForLOD before that setting is registered): logged once per page load, harmless"),
+    (r"\"ComfyApp graph accessed before initialization\"",
+     "front end 1.49 (ComfyUI 0.33) logs this during its own start-up with no custom node loaded (checked with the "
+     "pack disabled)"),
+    (r"(Connecting to 'https://huggingface\.co/[^']*' violates the following Content Security Policy directive|"
+     r"Fetch API cannot load https://huggingface\.co/\S+ Refused to connect because it violates the document's "
+     r"Content Security Policy)",
+     "front end 1.49 checks the model download links of its default workflow (missingModelMetadata); the offline "
+     "server's connect-src CSP (--disable-api-nodes) blocks them"),
 ]
 
 
