@@ -34,6 +34,10 @@ if [ -n "${COMFYUI_SNAPSHOT:-}" ]; then
   [ -n "$comfy_ext" ] || { echo "[bootstrap] $archive holds no ComfyUI (no */main.py)" >&2; exit 1; }
 elif [ -n "${COMFYUI_PATH:-}" ]; then
   comfy_ext="$(cd "$COMFYUI_PATH" && pwd)"
+  # the wheel's ComfyUI inside an environment built here (the matrix passes it on as COMFYUI_PATH): that environment
+  if [ "$(basename "$comfy_ext")" = ComfyUI ] && [ -f "$comfy_ext/../complete" ] && [ -d "$comfy_ext/../venv" ]; then
+    comfy_ext=""
+  fi
 elif [ -f "$root/../../main.py" ] && [ "$(basename "$(dirname "$root")")" = "custom_nodes" ]; then
   comfy_ext="$(cd "$root/../.." && pwd)"
 fi
