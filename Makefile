@@ -92,17 +92,19 @@ test-matrix:
 test-browser: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests/test_browser.py $(PYTEST_FLAGS)
 
+# `exec` (demo, serve, upscale, train, eval): the tool takes the shell's place, so make, stopped by a signal, waits
+# for the tool's clean-up (server stopped, temporary files deleted); a shell in between would die at once.
 demo: env
-	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/demo.py demo --input "$(INPUT)" --output "$(OUTPUT)" \
+	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) tools/demo.py demo --input "$(INPUT)" --output "$(OUTPUT)" \
 		--scale "$(SCALE)" --steps "$(STEPS)" --adapter "$(ADAPTER)" --models-dir "$(MODELS_DIR)" \
 		$(if $(filter-out 0,$(STREAM)),--stream)
 
 serve: env
-	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/demo.py serve --port "$(PORT)" --models-dir "$(MODELS_DIR)"
+	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) tools/demo.py serve --port "$(PORT)" --models-dir "$(MODELS_DIR)"
 
 upscale: env
 	@test -n "$(INPUT)" || { echo "make upscale needs INPUT=video-file" >&2; exit 2; }
-	PYTHONDONTWRITEBYTECODE=1 $(TORCHRUN_LAUNCH) tools/upscale.py --input "$(INPUT)" --output "$(UPSCALE_OUTPUT)" \
+	PYTHONDONTWRITEBYTECODE=1 exec $(TORCHRUN_LAUNCH) tools/upscale.py --input "$(INPUT)" --output "$(UPSCALE_OUTPUT)" \
 		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(findstring zero-init,$(ADAPTER)),,--adapter "$(ADAPTER)") \
 		--scale "$(SCALE)" --steps "$(STEPS)" --chunk-frames "$(CHUNK_FRAMES)" --overlap-frames "$(OVERLAP_FRAMES)" \
 		--segment-chunks "$(SEGMENT_CHUNKS)" $(UPSCALE_ARGS)
@@ -110,7 +112,7 @@ upscale: env
 train: env
 	@test -n "$(DATA)" && test -n "$(OUT)" && test -n "$(TRAIN_STEPS)" || \
 		{ echo "make train needs DATA=video-folder OUT=adapter.safetensors STEPS=n" >&2; exit 2; }
-	PYTHONDONTWRITEBYTECODE=1 $(TORCHRUN_LAUNCH) tools/train.py --data "$(DATA)" --out "$(OUT)" --steps "$(TRAIN_STEPS)" \
+	PYTHONDONTWRITEBYTECODE=1 exec $(TORCHRUN_LAUNCH) tools/train.py --data "$(DATA)" --out "$(OUT)" --steps "$(TRAIN_STEPS)" \
 		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(filter-out 0,$(RESUME)),--resume) $(TRAIN_ARGS)
 
 bench: env
@@ -121,7 +123,7 @@ gpu-check:
 	bash tools/gpu_check.sh $(GPU_CHECK_ARGS)
 
 eval: env
-	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/eval.py --models-dir "$(MODELS_DIR)" --clips "$(CLIPS)" $(EVAL_ARGS)
+	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) tools/eval.py --models-dir "$(MODELS_DIR)" --clips "$(CLIPS)" $(EVAL_ARGS)
 
 models: env
 	@test -n "$(MODELS_DIR)" || { echo "make models needs MODELS_DIR=folder (diffusion_models/, vae/, text_encoders/, litevsr/ under it)" >&2; exit 2; }

@@ -1,4 +1,5 @@
 """Shared test set-up: a real ComfyUI on sys.path (CPU), the pack imported as a package, tiny Wan stand-ins."""
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def tiny_vae(tiny_vae_path):
     import comfy.utils
 
     return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(tiny_vae_path)))
+
+
+def make_env():
+    """This environment without an outer make's variables: under `make test` they would make the tests' `make demo`
+    a sub-make of it (jobserver, MAKELEVEL)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
 
 
 # --- a real headless ComfyUI server, started once per session (tools/comfy_server.py) ---------------------------

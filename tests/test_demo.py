@@ -1,5 +1,4 @@
 """`make demo` as a user runs it: default arguments, real subprocess, fresh output path."""
-import os
 import subprocess
 import time
 from fractions import Fraction
@@ -7,13 +6,12 @@ from fractions import Fraction
 import av
 import pytest
 
-from conftest import REPO
+from conftest import REPO, make_env
 
 
 def make(*args, timeout):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=make_env())
 
 
 @pytest.mark.timeout(1200)  # measured ~9-10 min on 2 CPU cores (VAE encode of 33 x 1280x720 dominates)

@@ -1,6 +1,5 @@
 """End to end on a real headless ComfyUI: the long-video example (the streaming node, file to file) on real clips
 with audio, its atomic output, and an interrupt in the middle of a run."""
-import os
 import subprocess
 import time
 from fractions import Fraction
@@ -10,7 +9,7 @@ import pytest
 
 import comfy_server
 import demo as demo_tool
-from conftest import REPO, TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE
+from conftest import REPO, TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE, make_env
 
 SCALE = 2
 CHUNK, OVERLAP = 9, 4  # 29 frames -> 6 chunks; 61 frames -> 14 chunks
@@ -117,11 +116,10 @@ def test_interrupt_leaves_no_file_and_the_next_run_works(comfy, stream_clips):
 def test_make_demo_stream(tmp_path, test_clip):
     """`make demo STREAM=1` on a small clip: the long-video example's API twin, one output file, no leftovers."""
     out = tmp_path / "demo_stream.mp4"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     t0 = time.monotonic()
     r = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "demo", "STREAM=1",
                         f"INPUT={test_clip}", f"OUTPUT={out}", "SCALE=2"],
-                       capture_output=True, text=True, timeout=300, env=env)
+                       capture_output=True, text=True, timeout=300, env=make_env())
     print(f"make demo STREAM=1 took {time.monotonic() - t0:.0f} s")
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
     assert "litevsr_long_video_api.json" in r.stdout and "LiteVSR memory plan" in r.stdout

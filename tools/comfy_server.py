@@ -2,6 +2,8 @@
 
 Used by the server tests (one server per session), `make demo` (run one prompt, headless) and `make serve`
 (the same server for a browser). Standard library + `websocket-client`; no ComfyUI import in this process.
+A server never outlives the process that started it (stop(), and the kernel where that process is killed), and
+`exit_on_signals()`, which every tool calls first, makes SIGTERM and SIGHUP clean up as Ctrl-C does.
 
     python tools/comfy_server.py --base-directory DIR [--port N] [--prompt graph_api.json]
 """
@@ -88,6 +90,48 @@ def _one_line(text, limit=400):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_on_signals():
+    """For a tool's main thread (before it starts a server or makes temporary files): SIGTERM and SIGHUP (`timeout`,
+    CI, a process manager, a closed terminal) end the process the way Ctrl-C does, as SystemExit(128 + signal)
+    raised where it runs, so `finally` blocks and context managers stop the server and delete temporary folders and
+    partial files. Python's default for them is to die on the spot, skipping all of that. Repeats are ignored from
+    then on, so they cannot cut the clean-up short: make passes its own SIGTERM on to the recipe it waits for."""
+    def leave(signum, frame):
+        for repeat in EXIT_SIGNALS:
+            signal.signal(repeat, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for signum in EXIT_SIGNALS:
+        signal.signal(signum, leave)
+
+
+def _server_preexec():
+    """preexec_fn for the server. Its SIGINT at the default: stop() relies on it, and a tool started in the background
+    (`make demo &` in a script) would hand it on ignored. On Linux the kernel also SIGKILLs the server when the thread
+    that started it ends, however that happens: a SIGKILLed or crashed tool runs no `finally` to stop it. (So start
+    servers from a thread that lives as long as they should: the main thread.)"""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+        death_signal = ctypes.c_ulong(signal.SIGKILL)
+    parent = os.getpid()
+
+    def preexec():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, death_signal)
+            if os.getppid() != parent:  # the parent died before prctl: no death signal will come
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 class ComfyServer:
     """`with ComfyServer(base) as server: paths = server.run_prompt(api_graph)`."""
 
@@ -131,8 +175,18 @@ class ComfyServer:
         else:
             self._log = open(self.log_path, "ab")
             out = self._log
+        # Its own session: a Ctrl-C in the terminal reaches only this process, which stops the server in order.
         self.proc = subprocess.Popen(self.command(), cwd=comfy_dir(), env=env, stdout=out,
-                                     stderr=subprocess.STDOUT if out else None, start_new_session=True)
+                                     stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                                     preexec_fn=_server_preexec())
+        try:
+            self._wait_until_up(timeout)
+        except BaseException:  # it failed, or Ctrl-C / SIGTERM came while it started: no server left behind
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_up(self, timeout):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -140,10 +194,9 @@ class ComfyServer:
                                  f"log: {self.log_path}: {_one_line(self.log_tail(3))}")
             try:
                 self.get("/system_stats", timeout=2)
-                return self
+                return
             except (OSError, urllib.error.URLError):
                 time.sleep(0.5)
-        self.stop()
         raise ComfyError(f"ComfyUI did not answer /system_stats within {timeout} s; log: {self.log_path}")
 
     def stop(self, timeout=20):
@@ -314,4 +367,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    exit_on_signals()
     sys.exit(main())

@@ -588,4 +588,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    comfy_server.exit_on_signals()
     sys.exit(main())

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import comfy_server  # noqa: E402
 from upscale import Ranks, build_stand_ins, load_models, run_headless  # noqa: E402
 
 STAND_IN_BANNER = ("NOTE: --stand-ins: tiny RANDOM-WEIGHT Wan stand-ins instead of real models. This only "
@@ -300,9 +301,11 @@ def main(argv=None):
         ranks.say(STAND_IN_BANNER)
     try:  # on failure no OUT and no log: both only ever appear complete
         return run_headless(ranks, lambda: run(args, ranks))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, or SIGTERM / SIGHUP (comfy_server.exit_on_signals)
         ranks.say(f"interrupted: --resume continues from the newest checkpoint in {checkpoint_folder(args.out)}")
-        return 130
+        return 130 if isinstance(stop, KeyboardInterrupt) else stop.code
+
 
 if __name__ == "__main__":
+    comfy_server.exit_on_signals()
     sys.exit(main())

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_server  # noqa: E402
 
 STAND_IN_BANNER = ("NOTE: --stand-ins: tiny RANDOM-WEIGHT Wan stand-ins instead of real models. The output only "
                    "demonstrates the pipeline; it is not an upscale.")
@@ -119,8 +120,6 @@ def run_headless(ranks, work):
         comfy_env.setup()
         work()
     except Exception as e:
-        import comfy_server
-
         print(f"{ranks.tool} failed{f' on rank {ranks.rank}' if ranks.shared else ''}: "
               f"{comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
         return 1
@@ -372,4 +371,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    comfy_server.exit_on_signals()
     sys.exit(main())
