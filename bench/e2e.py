@@ -4,12 +4,13 @@ process: read, plan, encode, denoise, decode, colour-correct, encode with audio)
 CPU (`e2e`): the tiny random-weight stand-ins on a short bigbuckbunny clip; the figure measures the pipeline's own
 overhead around tiny models, not what real weights would give. GPU (`gpu`): the same with the real Wan2.1-1.3B
 files from MODELS_DIR at 1080p output, plus the allocator's peak VRAM; without CUDA or MODELS_DIR it is skipped,
-saying why. Model loading is timed apart and left out of the frame rate.
+saying why. Model loading is timed apart and left out of the frame rate. The step counts are run interleaved, round
+after round until their repeats agree (harness.RepeatPolicy); a frame rate is frames / the fastest repeat.
 """
 from pathlib import Path
-from statistics import median
 
-from harness import REPO, run_worker, section, table, timed, worker
+from harness import (REPO, RepeatPolicy, publish, repeat_policy, repeat_until_settled, run_worker, section,
+                     summarize_records, table, timed, verdict, worker)
 from stream import synth_clip
 
 
@@ -36,30 +37,42 @@ def e2e_worker(config):
                 "load_seconds": result["load_seconds"],
                 "peak_vram_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
+    policy = RepeatPolicy(**config["policy"])
     upscale(config["steps"][0])  # warm-up: kernel choice, lazy initialisation, file caches
-    runs = {str(steps): [upscale(steps) for _ in range(config["repeats"])] for steps in config["steps"]}
+    runs = repeat_until_settled({str(steps): (lambda steps=steps: upscale(steps)) for steps in config["steps"]},
+                                policy, {"seconds": "min"})
+    timings = summarize_records(runs, {"seconds": "min"}, policy.spread_limit)
     summary = {}
     for steps, repeats in runs.items():
-        seconds = median([r["seconds"] for r in repeats])
+        seconds = timings[steps]["seconds"]
         vram = [r["peak_vram_bytes"] for r in repeats if r["peak_vram_bytes"] is not None]
-        summary[steps] = {"fps": round(repeats[0]["frames"] / seconds, 3), "median_seconds": round(seconds, 3),
+        summary[steps] = {"fps": round(repeats[0]["frames"] / seconds["value"], 3), "seconds": seconds,
                           "peak_vram_gib": round(max(vram) / 2 ** 30, 2) if vram else None}
-    return {"runs": runs, "summary": summary, "device": str(device),
+    return {"runs": runs, "summary": summary, "device": str(device), "policy": policy.to_dict(),
             "models": "stand-ins" if models == ["--stand-ins"] else [Path(m).name for m in models[1::2]]}
 
 
 def _measure(args, name, clip, scale, dit=None, vae=None):
     config = {"input": str(clip), "scale": scale, "steps": [int(s) for s in args.e2e_steps.split(",")],
-              "repeats": args.repeats, "scratch": str(args.scratch), "dit": dit and str(dit), "vae": vae and str(vae)}
+              "policy": repeat_policy(args).to_dict(), "scratch": str(args.scratch), "dit": dit and str(dit),
+              "vae": vae and str(vae)}
     run = run_worker(name, config, args.scratch / f"{name}.log", timeout=args.timeout)
     first = run["runs"][str(config["steps"][0])][0]
     frames, size = first["frames"], first["size"]
-    print("\n" + table(["steps", "frames", "output", "median s", "fps", "peak VRAM GiB"],
-                       [[steps, frames, f"{size[0]}x{size[1]}", s["median_seconds"], s["fps"],
-                         s["peak_vram_gib"] if s["peak_vram_gib"] is not None else "-"]
+    run.update(verdict(s["seconds"] for s in run["summary"].values()))
+    print("\n" + table(["steps", "frames", "output", "fastest s", "spread", "fps", "peak VRAM GiB"],
+                       [[steps, frames, f"{size[0]}x{size[1]}", round(s["seconds"]["value"], 3), s["seconds"]["spread"],
+                         s["fps"], s["peak_vram_gib"] if s["peak_vram_gib"] is not None else "-"]
                         for steps, s in run["summary"].items()]), flush=True)
     ok = all(r["frames"] == frames for repeats in run["runs"].values() for r in repeats)
     return {"input": str(clip.relative_to(REPO)), "scale": scale, **run}, ok
+
+
+def published_fps(result):
+    """Frames per second per step count, each published only where its timing is stable."""
+    summary = result["summary"]
+    return publish({steps: s["fps"] for steps, s in summary.items()},
+                   {steps: verdict([s["seconds"]]) for steps, s in summary.items()})
 
 
 @section("e2e")
@@ -67,11 +80,11 @@ def e2e_section(args):
     width, height = (int(v) for v in args.e2e_size.split("x"))
     clip = synth_clip(args.e2e_frames, width, height)
     print(f"\n[bench e2e] tiny stand-ins, {args.e2e_frames} frames {width}x{height} -> 4x, steps {args.e2e_steps}, "
-          f"{args.repeats} repeats", flush=True)
+          f"{repeat_policy(args).describe()}", flush=True)
     result, ok = _measure(args, "e2e", clip, 4)
-    result["what"] = ("frames / median seconds of tools/upscale.py's run with tiny random-weight stand-ins, model "
-                      "loading excluded: the pipeline's overhead, not a real model's speed")
-    return result, ok, {"e2e": {"fps": {steps: s["fps"] for steps, s in result["summary"].items()}}}
+    result["what"] = ("frames / fastest repeat's seconds of tools/upscale.py's run with tiny random-weight stand-ins, "
+                      "model loading excluded: the pipeline's overhead, not a real model's speed")
+    return result, ok, {"e2e": {"fps": published_fps(result)}}
 
 
 @section("gpu")
@@ -98,5 +111,5 @@ def gpu_section(args):
     clip = synth_clip(args.gpu_frames, 480, 270)
     print(f"\n[bench gpu] {torch.cuda.get_device_name(0)}: {args.gpu_frames} frames 480x270 -> 1920x1080", flush=True)
     result, ok = _measure(args, "e2e", clip, 4, dit, vae)
-    return result, ok, {"gpu": {steps: {"fps": s["fps"], "peak_vram_gib": s["peak_vram_gib"]}
-                                for steps, s in result["summary"].items()}}
+    return result, ok, {"gpu": {"fps": published_fps(result),
+                                "peak_vram_gib": {steps: s["peak_vram_gib"] for steps, s in result["summary"].items()}}}

@@ -1,13 +1,20 @@
 """`make bench`: the pack's benchmarks, one section each, all written into bench/results/latest.json.
 
     python bench/run.py [--full] [--sections decode,...] [--out bench/results/latest.json] [--readme]
+                        [--accept-unstable] [--load N]
 
 The JSON holds the command, the git commit, the machine (CPU model, cores, RAM, torch, GPU) and the time of this
 run; each section's full result under "sections" (with the command, commit and time it was measured at), and the
 headline figures the README prints as top-level keys (adapter_overhead, adapter_params_share, decode, stream, e2e,
-gpu). A run of some sections keeps the other sections of an existing file. Every figure is a median of repeats
-taken in one worker process. PNG plots go next to the JSON; `--readme` rewrites README.md's performance table from
-the JSON (tests/test_bench.py checks that they agree).
+gpu). A run of some sections keeps the other sections of an existing file. PNG plots go next to the JSON;
+`--readme` rewrites README.md's performance table from the JSON (tests/test_bench.py checks that they agree).
+
+Timings are repeated in one worker process, interleaved, until the fastest repeats agree (harness.RepeatPolicy:
+--repeats to --max-repeats rounds, --repeat-seconds at most); a time is the fastest repeat, memory the median.
+Every measured set records its repeats, its spread and whether it is stable; a figure computed from an unstable
+set is not published (null in the headline, its value under "unpublished", "unstable" in the README), and the run
+says so in its last line and exits 1 unless --accept-unstable. `--load N` runs N busy processes alongside, to
+see a section under deliberate interference (its results must go to another --out).
 
 Sections
   adapter_overhead  step time of direct / shared_blocks injection over the bare DiT's at Wan2.1-1.3B geometry
@@ -30,7 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from harness import REPO, SECTIONS, git_commit, machine, serve_worker  # noqa: E402
+from harness import (CONFIRM, REPO, SECTIONS, STABLE_SPREAD, busy_load, figures_of, git_commit,  # noqa: E402
+                     machine, serve_worker)
 
 for _module in ("overhead", "decode", "stream", "e2e"):  # each registers its sections and workers
     importlib.import_module(_module)
@@ -39,9 +47,9 @@ DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
 README = REPO / "README.md"
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-QUICK = {"repeats": 3, "decode_frames": 5, "stream_size": "80x34"}
+QUICK = {"repeats": 3, "max_repeats": 9, "decode_frames": 5, "stream_size": "80x34"}
 # 69 frames = 18 latent frames: ComfyUI's VAEDecodeTiled then needs a second 64-frame temporal tile
-FULL = {"repeats": 5, "decode_frames": 69, "stream_size": "160x68"}
+FULL = {"repeats": 5, "max_repeats": 15, "decode_frames": 69, "stream_size": "160x68"}
 
 
 def parse_args(argv=None):
@@ -55,10 +63,23 @@ def parse_args(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep outputs and logs in bench/.cache/outputs")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per measured process")
     ap.add_argument("--models-dir", default="", help="real weights for the gpu section (ComfyUI models layout)")
-    ap.add_argument("--repeats", type=int, help="timed repeats per figure (after one warm-up)")
+    ap.add_argument("--repeats", type=int, help="timed repeats per figure at least (after one warm-up; quick 3, "
+                                                    "full 5)")
+    ap.add_argument("--max-repeats", type=int,
+                    help="timed repeats at most, while the fastest three still disagree (quick 9, full 15)")
+    ap.add_argument("--repeat-seconds", type=float, default=900,
+                    help="no new round of repeats after this many seconds of one measured set")
+    ap.add_argument("--spread-limit", type=float, default=STABLE_SPREAD,
+                    help="stable: the fastest three repeats within this factor (memory: all repeats)")
+    ap.add_argument("--accept-unstable", action="store_true",
+                    help="exit 0 even if some timing stayed unstable (its figures are still withheld and marked)")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="run N busy processes (single-threaded matmul loops) alongside: deliberate interference; "
+                         "needs an --out other than latest.json")
     ap.add_argument("--overhead-geometries", default="wan2.1-1.3B,wan2.2-5B")
-    ap.add_argument("--overhead-latent", default="2x16x16",
-                    help="latent frames x height x width of the timed step (2x16x16: 128 tokens, seconds per step)")
+    ap.add_argument("--overhead-latent", default="auto",
+                    help="latent frames x height x width of the timed step; auto: the smallest of 2x16x16 (128 "
+                         "tokens), 2x32x32, ... whose step is compute-bound on this machine")
     ap.add_argument("--decode-px", type=int, default=960, help="square output side of the decode benchmark")
     ap.add_argument("--decode-frames", type=int)
     ap.add_argument("--stream-frames", default="150,600")
@@ -75,6 +96,8 @@ def parse_args(argv=None):
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # the child side of harness.run_worker
     ap.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.max_repeats is None and args.repeats is not None:  # more repeats asked for: room for them to settle
+        args.max_repeats = max(args.repeats, (FULL if args.full else QUICK)["max_repeats"])
     for name, value in (FULL if args.full else QUICK).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -83,6 +106,12 @@ def parse_args(argv=None):
     if unknown:
         ap.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
     args.sections = wanted
+    if args.max_repeats < args.repeats or args.repeats < 1:
+        ap.error(f"--max-repeats ({args.max_repeats}) must be at least --repeats ({args.repeats}), which is >= 1")
+    if args.spread_limit < 1:
+        ap.error("--spread-limit is a factor (largest / smallest repeat): 1 or more")
+    if args.load and (Path(args.out).resolve() == DEFAULT_OUT.resolve() or args.readme):
+        ap.error("a run under --load is disturbed on purpose: write it to another --out, without --readme")
     return args
 
 
@@ -102,55 +131,121 @@ def _geometry_text(section):
             f"weights, {run['tokens']} tokens + {run['text_tokens']} text tokens")
 
 
+def _values(figures, names, fmt):
+    """A value cell: the published figures; a withheld one (unstable, or refused by its check) in parentheses,
+    which is no headline."""
+    return " / ".join(fmt(figures[name]) if figures[name] is not None else f"({fmt(figures['unpublished'][name])})"
+                      for name in names)
+
+
+def _trust(figures, names, plausible=None):
+    """(spread, verdict) cells of published figures: the worst spread of their inputs and whether all are stable;
+    sections measured before spreads were recorded say so."""
+    if "stable" not in figures:
+        return "—", "not recorded"
+    spread = max(figures["spread"][name] for name in names)
+    if not all(figures["stable"][name] for name in names):
+        return f"{spread:.3f}", "**unstable**"
+    if any((plausible or {}).get(name) is False for name in names):
+        return f"{spread:.3f}", "**fails its FLOP check**"
+    return f"{spread:.3f}", "stable"
+
+
+def _timing_statistic(section):
+    """How the section's times were taken: the fastest repeat, or (results from before the repeat policy) the
+    median."""
+    return "fastest repeat" if section.get("stable") is not None else "median of repeats"
+
+
+def _overhead_rows(section):
+    head, text = section["headline"], _geometry_text(section)
+    ratios, run = head["adapter_overhead"], section["runs"][head["adapter_overhead"]["geometry"]]
+    share = head["adapter_params_share"]
+
+    def ratio_row(mode, what):
+        if "expected_ratio" in run:
+            what += f"; FLOPs predict {run['expected_ratio'][mode]:.2f}×"
+        return (f"`adapter_overhead.{mode}`", _values(ratios, [mode], lambda v: f"{v:.2f}×"),
+                *_trust(ratios, [mode], run.get("plausible")), what)
+
+    rows = [ratio_row("direct", f"DiT step time ÷ bare backbone ({_timing_statistic(section)}), {text}"),
+            ratio_row("shared_blocks", "same, shared_blocks")]
+    if "flops_share" in ratios:
+        shares, flops = ratios["flops_share"], run["flops_per_step"]
+        names = list(figures_of(shares))
+        probe = run["probes"]["matmul"]
+        rows.append(("`adapter_overhead.flops_share`", _values(shares, names, lambda v: f"{100 * v:.0f} %"),
+                     *_trust(shares, names),
+                     f"achieved FLOP/s ÷ matmul peak of the same run ({' / '.join(names)}): "
+                     f"{' / '.join(f'{flops[n] / 1e9:.4g}' for n in names)} GFLOP per step, peak "
+                     f"{run['matmul_peak_flops_per_second'] / 1e9:.0f} GFLOP/s ([{probe['rows']}, {probe['width']}] × "
+                     f"[{probe['width']}, {probe['width']}] {probe['dtype']}); {run['regime']}: {run['intensity']:.0f} "
+                     f"FLOP per byte of weights, machine balance {run['machine_balance']:.0f}"))
+    rows.append(("`adapter_params_share`", f"{100 * share['direct']:.2f} % / {100 * share['shared_blocks']:.2f} %",
+                 "—", "exact", "adapter parameters ÷ backbone's (direct / shared_blocks)"))
+    rows += [(f"({name})", "skipped", "—", "skipped", reason) for name, reason in section.get("skipped", {}).items()]
+    return rows
+
+
+def _decode_rows(d):
+    head = d["headline"]["decode"]
+    size = f"{d['output'][2]}×{d['output'][1]}"
+    seconds = head.get("seconds") or d["median_seconds"]
+    variants = ["pack_tiled", "untiled", "comfyui_tiled"]
+    return [("`decode.tiled_rss_ratio`", _values(head, ["tiled_rss_ratio"], lambda v: f"{v:.2f}"),
+             *_trust(head, ["tiled_rss_ratio"]),
+             f"peak memory above baseline (median), pack's 4×4-tiled ÷ untiled decode, {d['output'][0]} frames at "
+             f"{size} (ComfyUI VAEDecodeTiled: {_values(head, ['comfyui_tiled_rss_ratio'], lambda v: f'{v:.2f}')})"),
+            ("`decode.max_abs_diff`", f"{d['max_abs_diff']['pack_tiled']:.3f}", "—", "deterministic",
+             f"vs untiled on 0..1 (ComfyUI VAEDecodeTiled: {d['max_abs_diff']['comfyui_tiled']:.3f})"),
+            ("`decode.seconds`", _values(seconds, variants, lambda v: f"{v:.1f} s"), *_trust(seconds, variants),
+             f"one decode ({_timing_statistic(d)}): pack's tiled / untiled / ComfyUI VAEDecodeTiled")]
+
+
+def _stream_rows(s):
+    runs = {r["frames"]: r for r in s["runs"]}
+    detail = ", ".join(f"{n} frames {runs[n]['peak_rss_mib']:.0f} MiB" for n in sorted(runs))
+    return [("`stream.rss_ratio_600_150`", f"{s['rss_ratio_600_150']:.2f}", "—", "one run per length",
+             f"whole-run peak RSS, 600 ÷ 150 frames at {s['scale']}× from {s['input_size']} ({detail})")]
+
+
+def _fps_rows(section, figure, what):
+    fps = section["headline"][figure]["fps"]
+    names = list(figures_of(fps))
+    return [(f"`{figure}.fps`", _values(fps, names, lambda v: f"{v:.2f}"), *_trust(fps, names),
+             f"output frames/s ({_timing_statistic(section)}) for {' / '.join(names)} steps, {what}")]
+
+
+def _e2e_rows(section):
+    width, height = next(iter(section["runs"].values()))[0]["size"]
+    return _fps_rows(section, "e2e", f"tiny stand-ins, {width}×{height} output")
+
+
+def _gpu_rows(section):
+    gpu = section["headline"]["gpu"]
+    if "skipped" in gpu:
+        return [("`gpu`", "skipped", "—", "skipped", gpu["skipped"])]
+    vram = " / ".join(f"{v} GiB" for v in gpu["peak_vram_gib"].values())
+    return _fps_rows(section, "gpu", f"real Wan2.1-1.3B, 1080p output, peak VRAM {vram}")
+
+
 def readme_table(results):
-    """The README's performance table: every headline figure, what it measures, and the commit it was measured at."""
+    """The README's performance table: every headline figure, its spread and verdict, what it measures, and the
+    commit it was measured at."""
     sections = results["sections"]
-    rows = []  # (section, figure, value, what)
-    if "adapter_overhead" in sections:
-        head, text = sections["adapter_overhead"]["headline"], _geometry_text(sections["adapter_overhead"])
-        overhead_ = head["adapter_overhead"]
-        share = head["adapter_params_share"]
-        rows += [("adapter_overhead", "`adapter_overhead.direct`", f"{overhead_['direct']:.2f}×",
-                  f"DiT step time ÷ bare backbone, {text}"),
-                 ("adapter_overhead", "`adapter_overhead.shared_blocks`", f"{overhead_['shared_blocks']:.2f}×",
-                  "same, shared_blocks"),
-                 ("adapter_overhead", "`adapter_params_share`",
-                  f"{100 * share['direct']:.2f} % / {100 * share['shared_blocks']:.2f} %",
-                  "adapter parameters ÷ backbone's (direct / shared_blocks)")]
-        for name, reason in sections["adapter_overhead"].get("skipped", {}).items():
-            rows.append(("adapter_overhead", f"({name})", "skipped", reason))
-    if "decode" in sections:
-        d = sections["decode"]
-        size, seconds = f"{d['output'][2]}×{d['output'][1]}", d["median_seconds"]
-        rows += [("decode", "`decode.tiled_rss_ratio`", f"{d['headline']['decode']['tiled_rss_ratio']:.2f}",
-                  f"peak memory above baseline, pack's 4×4-tiled ÷ untiled decode, {d['output'][0]} frames at {size} "
-                  f"(ComfyUI VAEDecodeTiled: {d['headline']['decode']['comfyui_tiled_rss_ratio']:.2f})"),
-                 ("decode", "`decode.max_abs_diff`", f"{d['max_abs_diff']['pack_tiled']:.3f}",
-                  f"vs untiled on 0..1 (ComfyUI VAEDecodeTiled: {d['max_abs_diff']['comfyui_tiled']:.3f}); time "
-                  f"{seconds['pack_tiled']:.1f} s, untiled {seconds['untiled']:.1f} s, ComfyUI "
-                  f"{seconds['comfyui_tiled']:.1f} s")]
-    if "stream" in sections:
-        s = sections["stream"]
-        runs = {r["frames"]: r for r in s["runs"]}
-        detail = ", ".join(f"{n} frames {runs[n]['peak_rss_mib']:.0f} MiB" for n in sorted(runs))
-        rows.append(("stream", "`stream.rss_ratio_600_150`", f"{s['rss_ratio_600_150']:.2f}",
-                     f"whole-run peak RSS, 600 ÷ 150 frames at {s['scale']}× from {s['input_size']} ({detail})"))
-    if "e2e" in sections:
-        fps = sections["e2e"]["headline"]["e2e"]["fps"]
-        width, height = sections["e2e"]["runs"][next(iter(fps))][0]["size"]
-        rows.append(("e2e", "`e2e.fps`", " / ".join(f"{fps[k]:.2f}" for k in fps),
-                     f"output frames/s for {' / '.join(fps)} steps, tiny stand-ins, {width}×{height} output"))
-    if "gpu" in sections:
-        gpu = sections["gpu"]["headline"]["gpu"]
-        rows.append(("gpu", "`gpu`", "skipped" if "skipped" in gpu else
-                     " / ".join(f"{v['fps']:.2f} fps, {v['peak_vram_gib']} GiB" for v in gpu.values()),
-                     gpu.get("skipped", "real Wan2.1-1.3B, 1080p output, per step count")))
+    row_makers = {"adapter_overhead": _overhead_rows, "decode": _decode_rows, "stream": _stream_rows,
+                  "e2e": _e2e_rows, "gpu": _gpu_rows}
     m = results["machine"]
     lines = [f"Measured on {m['cpu']} ({m['cores_usable']} cores, {m['ram_gib']} GiB, torch {m['torch']}, GPU: "
-             f"{m['gpu'] or 'none'}); each section's command is in `bench/results/latest.json`.",
-             "", "| figure | value | what | commit |", "|---|---|---|---|"]
-    lines += [f"| {figure} | {value} | {what} | `{(sections[name].get('commit') or '?')[:8]}` |"
-              for name, figure, value, what in rows]
+             f"{m['gpu'] or 'none'}); each section's command is in `bench/results/latest.json`. Spread: largest ÷ "
+             f"smallest of the repeats a figure rests on (times: the fastest three), unstable above its run's "
+             f"limit (default {STABLE_SPREAD}); a figure in parentheses is withheld, not a headline.",
+             "", "| figure | value | spread | verdict | what | commit |", "|---|---|---|---|---|---|"]
+    for name, make_rows in row_makers.items():
+        if name in sections:
+            commit = (sections[name].get("commit") or "?")[:8]
+            lines += [f"| {figure} | {value} | {spread} | {verdict} | {what} | `{commit}` |"
+                      for figure, value, spread, verdict, what in make_rows(sections[name])]
     return "\n".join(lines)
 
 
@@ -171,8 +266,9 @@ def plots(results, folder):
     figures = {}
     if "adapter_overhead" in sections:
         runs = sections["adapter_overhead"]["runs"]
-        figures["adapter_overhead"] = ("DiT step time (median s)", {
-            f"{geometry}\n{name}": run["median_step_seconds"][name]
+        figures["adapter_overhead"] = ("DiT step time (fastest repeat, s)", {
+            f"{geometry}\n{name}": (run["timings"][name]["value"] if "timings" in run  # older results: medians
+                                    else run["median_step_seconds"][name])
             for geometry, run in runs.items() for name in ("bare", "direct", "shared_blocks")})
     if "decode" in sections:
         figures["decode"] = ("peak MiB above baseline", sections["decode"]["median_peak_mib"])
@@ -181,13 +277,14 @@ def plots(results, folder):
                              {f"{r['frames']} frames": r["peak_rss_mib"] for r in sections["stream"]["runs"]})
     if "e2e" in sections:
         figures["e2e"] = ("output frames per second",
-                          {f"{steps} steps": fps for steps, fps in sections["e2e"]["headline"]["e2e"]["fps"].items()})
+                          {f"{steps} steps": s["fps"] for steps, s in sections["e2e"]["summary"].items()})
     for name, (ylabel, values) in figures.items():
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
         ax.bar_label(bars, fmt="%.4g")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{name} ({sections[name]['commit'][:8] if sections[name].get('commit') else '?'})")
+        unstable = ", UNSTABLE" if sections[name].get("stable") is False else ""
+        ax.set_title(f"{name} ({sections[name]['commit'][:8] if sections[name].get('commit') else '?'}{unstable})")
         ax.tick_params(axis="x", labelsize=8)
         fig.tight_layout()
         fig.savefig(folder / f"{name}.png")
@@ -201,6 +298,28 @@ def write_json(results, out):
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out)
+
+
+def _unstable_reason(spread, limit):
+    return f"spread {spread} > {limit}" if spread > limit else f"fewer than {CONFIRM} repeats"
+
+
+def closing_line(out, ran, accept_unstable, limit):
+    """(the run's last line, its exit code) from the sections this run measured: failed checks exit 1, and so do
+    unstable timings unless accepted; the line names both."""
+    failed = [name for name, result in ran.items() if not result["ok"]]
+    unstable = [f"{name} ({_unstable_reason(result['spread'], limit)})" for name, result in ran.items()
+                if result.get("stable") is False]
+    line = f"[bench] wrote {out} and its plots"
+    if failed:
+        line += f"; checks FAILED: {', '.join(failed)}"
+    if unstable:
+        line += f"; UNSTABLE, figures withheld: {', '.join(unstable)}"
+        line += (" (accepted: --accept-unstable)" if accept_unstable else
+                 "; rerun on a quiet machine, or pass --accept-unstable")
+    elif any("stable" in result for result in ran.values()):
+        line += f"; every timing stable (spread <= {limit})"
+    return line, int(bool(failed) or (bool(unstable) and not accept_unstable))
 
 
 def main(argv=None):
@@ -220,23 +339,28 @@ def main(argv=None):
     command = " ".join([Path(sys.executable).name, *sys.argv])
     results = {"command": command, "git": commit, "machine": machine(), "timestamp": stamp,
                "sections": dict(previous)}
-    all_ok = True
-    with tempfile.TemporaryDirectory(prefix="litevsr-bench-") as scratch:
+    if args.load:
+        results["load"] = {"busy_processes": args.load}
+    ran = {}
+    with tempfile.TemporaryDirectory(prefix="litevsr-bench-") as scratch, busy_load(args.load) as busy:
+        if busy:
+            print(f"[bench] deliberate load: {len(busy)} busy processes (pids {busy})", flush=True)
         args.scratch = Path(scratch)
         for name in args.sections:
             started = time.monotonic()
             result, ok, figures = SECTIONS[name](args)
             result.update(ok=ok, headline=figures, seconds=round(time.monotonic() - started, 1), measured_at=stamp,
-                          commit=commit["commit"], command=command, machine=results["machine"])
-            results["sections"][name] = result
-            all_ok &= ok
+                          commit=commit["commit"], command=command, machine=results["machine"],
+                          load=args.load)
+            results["sections"][name] = ran[name] = result
             write_json({**{k: v for k, v in results.items() if k != "sections"}, **headline(results),
                         "sections": results["sections"]}, out)
     plots(results, out.parent)
     if args.readme:
         update_readme(results)
-    print(f"\n[bench] wrote {out} and its plots" + ("" if all_ok else " (some checks FAILED)"), flush=True)
-    return 0 if all_ok else 1
+    line, code = closing_line(out, ran, args.accept_unstable, args.spread_limit)
+    print("\n" + line, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -172,6 +172,55 @@ def dit_step_bytes(signature: BackboneSignature, latent_frames, latent_h, latent
     return int(math.ceil(safety * parts["peak"]))
 
 
+def dit_step_flops(signature: BackboneSignature, latent_frames, latent_h, latent_w, batch=1, adapter_mode=None, *,
+                   ffn_dim=None, adapter_width=None, adapter_depth=2, adapter_rank=0,
+                   adapter_window=DEFAULT_ADAPTER_WINDOW, adapter_mlp_ratio=2):
+    """Matrix-product FLOPs (2 per multiply-add: linears, convolutions, attention scores and values) of one DiT
+    forward on a latent of T x h x w; elementwise ops, norms and activations are left out (they are not what a
+    matmul peak measures). `adapter_mode`: None (bare DiT), "direct" or "shared_blocks".
+
+    With L tokens, R = batch * L rows, d = dim, f = ffn, t = 512 text tokens:
+      block   = R (8 d^2 + 4 d^2 + 4 d f)       self-attention q/k/v/o, cross-attention q/o, FFN
+              + batch (4 L^2 d + 4 L t d)       self- and cross-attention scores and values
+              + batch 4 t d^2                   cross-attention k/v of the text context
+      outside = patch embedding, head, time and text embeddings (once per call)
+    The adapter adds its features pass (two patch embeddings; per layer q, fused k/v over both streams, out, MLP
+    and windowed attention, on the window-padded grid) and one injection per block; shared_blocks runs every
+    block on a doubled batch (x and the condition tokens, the text context twice) plus the condition_in projection.
+    Checked against torch's FlopCounterMode on a real ComfyUI WanModel (tests/test_bench.py)."""
+    d, f = signature.dim, ffn_dim or ffn_dim_of(signature)
+    t, text_dim = TEXT_TOKENS, signature.text_dim
+    patch = math.prod(signature.patch_size) * signature.latent_channels
+    tokens = dit_tokens(signature, latent_frames, latent_h, latent_w)
+
+    def block(batch_rows):  # one WanAttentionBlock on `batch_rows` samples
+        rows = batch_rows * tokens
+        return (rows * (12 * d * d + 4 * d * f) + batch_rows * (4 * tokens * tokens * d + 4 * tokens * t * d)
+                + batch_rows * 4 * t * d * d)
+
+    outside = (2 * batch * tokens * patch * d * 2  # patch embedding and head
+               + 2 * batch * (256 * d + d * d + 6 * d * d)  # time embedding and its 6-way projection
+               + 2 * batch * t * (text_dim * d + d * d))  # text embedding
+    if adapter_mode is None:
+        return outside + signature.num_layers * block(batch)
+
+    w = adapter_width or d
+    pt, ph, pw = signature.patch_size
+    grid = (-(-latent_frames // pt), -(-latent_h // ph), -(-latent_w // pw))
+    queries = batch * math.prod(round_up(size, win) for size, win in zip(grid, adapter_window))
+    keys_per_window = 2 * math.prod(adapter_window)  # structure and refinement streams
+    layer = queries * w * w * (2 + 8 + 2 + 4 * adapter_mlp_ratio) + 4 * queries * keys_per_window * w
+    features = (2 * 2 * batch * tokens * patch * w  # structure and refinement patch embeddings
+                + 2 * batch * (256 * w + 2 * w * w)  # time modulation
+                + adapter_depth * layer)
+    shared = adapter_mode == "shared_blocks"
+    source = d if shared else w  # shared_blocks injects from the condition tokens, direct from the features
+    inject = 2 * batch * tokens * (adapter_rank * (source + d) if adapter_rank else source * d)
+    condition_in = 2 * batch * tokens * w * d if shared else 0
+    blocks = signature.num_layers * (block(2 * batch if shared else batch) + inject)
+    return outside + features + condition_in + blocks
+
+
 def latent_state_bytes(signature: BackboneSignature, latent_frames, latent_h, latent_w, batch=1):
     """Sampler state kept on the device over the whole (untiled) latent of a chunk: float32 copies of x, noise,
     LR latent, estimate, x0 and the DiT tiler's blend accumulator."""
