@@ -79,14 +79,17 @@ def _transposed(ctx, inputs, output):
     ctx.freqs_t = inputs[-1].transpose(-1, -2).contiguous()
 
 
+def _rotate_back(ctx, grad):
+    """The gradient through RoPE: the same fused op with the transposed matrices (None passes through)."""
+    return None if grad is None else torch.ops.comfy_kitchen.apply_rope1(grad.contiguous(), ctx.freqs_t)
+
+
 def _rope1_backward(ctx, grad):
-    return torch.ops.comfy_kitchen.apply_rope1(grad.contiguous(), ctx.freqs_t), None
+    return _rotate_back(ctx, grad), None
 
 
 def _rope_backward(ctx, grad_q, grad_k):
-    ops = torch.ops.comfy_kitchen
-    return (None if grad_q is None else ops.apply_rope1(grad_q.contiguous(), ctx.freqs_t),
-            None if grad_k is None else ops.apply_rope1(grad_k.contiguous(), ctx.freqs_t), None)
+    return _rotate_back(ctx, grad_q), _rotate_back(ctx, grad_k), None
 
 
 def _refusal(reason):
