@@ -1,7 +1,9 @@
 # ComfyUI-LiteVSR developer commands. The environment (venv with pinned torch + ComfyUI 0.3.75) is built once
 # by tools/bootstrap_env.sh into ~/.cache/comfyui-litevsr and linked here as .venv and .comfyui.
 #
-#   make test                      the whole test suite (unit, in-process ComfyUI, real headless server)
+#   make test                      the whole test suite (unit, in-process ComfyUI, real headless server); the 15
+#                                  slowest tests are listed at the end
+#   make test-quick                the same without the tests marked slow (training to convergence, torchrun, browser)
 #   make test-matrix [MATRIX_COMFYUI="wheel path/to/comfyui-x.tar.gz ..."] [MATRIX_PARTIAL="0.8.0 ..."]
 #                                  the suite against each ComfyUI (default: 0.3.75 from the wheel plus every snapshot in
 #                                  ../shared/comfyui/), each in its own cached environment, then one table of
@@ -11,7 +13,8 @@
 #                                  (needs chromium + chromedriver: apt-get install chromium chromium-driver; skipped
 #                                  with the reason otherwise); LITEVSR_UPDATE_SCREENSHOTS=1 rewrites docs/images/*.png
 #   make demo [INPUT=clip.mp4] [OUTPUT=output/demo.mp4] [SCALE=4] [STEPS=1] [ADAPTER=...] [MODELS_DIR=...] [STREAM=1]
-#                                  STREAM=1: the long-video example (streaming node, file to file) instead
+#             [SAMPLE=33x320x180]  STREAM=1: the long-video example (streaming node, file to file) instead;
+#                                  SAMPLE: frames x width x height of the default input cut from bigbuckbunny
 #   make serve [PORT=8188] [MODELS_DIR=...]   the same ComfyUI with the pack, for a browser
 #   make upscale INPUT=clip.mp4 [OUTPUT=output/upscaled.mp4] [NPROC=2] [DIT=... VAE=...] [ADAPTER=file]
 #                [SCALE=4] [STEPS=1] [CHUNK_FRAMES=0] [OVERLAP_FRAMES=8] [SEGMENT_CHUNKS=...] [UPSCALE_ARGS=...]
@@ -52,9 +55,10 @@ STEPS    ?= 1
 ADAPTER  ?= new (zero-init)
 MODELS_DIR ?=
 STREAM   ?=
+SAMPLE   ?=
 PORT     ?= 8188
 FULL     ?=
-PYTEST_FLAGS ?= -q -p no:cacheprovider --timeout=600 -ra
+PYTEST_FLAGS ?= -q -p no:cacheprovider --timeout=600 -ra --durations=15
 NPROC    ?= 1
 DIT      ?=
 VAE      ?=
@@ -77,13 +81,17 @@ TORCHRUN_LAUNCH = $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distrib
 # STEPS defaults to 1 for sampling; `make train` takes only a STEPS that was given
 TRAIN_STEPS = $(if $(filter command line environment,$(origin STEPS)),$(STEPS),)
 
-.PHONY: env test test-matrix test-browser demo serve upscale train bench gpu-check eval models clean
+.PHONY: env test test-quick test-matrix test-browser demo serve upscale train bench gpu-check eval models clean
 
 env:
 	@$(if $(LITEVSR_PYTHON),true,bash tools/bootstrap_env.sh)
 
 test: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests $(PYTEST_FLAGS)
+
+# while developing: everything but the tests marked slow (make test, and CI, run them all)
+test-quick: env
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests $(PYTEST_FLAGS) -m "not slow"
 
 test-matrix:
 	PYTHONDONTWRITEBYTECODE=1 python3 tools/test_matrix.py $(foreach spec,$(MATRIX_COMFYUI),--comfyui "$(spec)") \
@@ -97,7 +105,7 @@ test-browser: env
 demo: env
 	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) tools/demo.py demo --input "$(INPUT)" --output "$(OUTPUT)" \
 		--scale "$(SCALE)" --steps "$(STEPS)" --adapter "$(ADAPTER)" --models-dir "$(MODELS_DIR)" \
-		$(if $(filter-out 0,$(STREAM)),--stream)
+		$(if $(filter-out 0,$(STREAM)),--stream) $(if $(SAMPLE),--sample "$(SAMPLE)")
 
 serve: env
 	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) tools/demo.py serve --port "$(PORT)" --models-dir "$(MODELS_DIR)"

@@ -133,6 +133,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "matrix(group, row): this test covers a row of the fault matrix "
                                        "(tests/fault_matrix.py ROWS)")
     config.addinivalue_line("markers", "matrix_final: run at the very end of the session (after the whole matrix)")
+    config.addinivalue_line("markers", "slow: over a minute on 2 CPU cores and long by nature (training to "
+                                       "convergence, several processes, a browser); `make test-quick` leaves them out")
     global _MATRIX
     config._litevsr_matrix = _MATRIX = _Matrix()
 

@@ -33,6 +33,7 @@ STREAM_API_WORKFLOW = EXAMPLES / "api" / "litevsr_long_video_api.json"
 DIT_NAME = "wan2.1_t2v_1.3B_fp16.safetensors"
 VAE_NAME = "wan_2.1_vae.safetensors"
 SAMPLE_CLIP = "bigbuckbunny_320x180.mp4"  # the file name the examples' LoadVideo node uses
+SAMPLE_SHAPE = "33x320x180"  # frames x width x height of the default input cut from bigbuckbunny
 NEW_ADAPTER = "new (zero-init)"
 STAND_IN_BANNER = ("NOTE: no real models given (MODELS_DIR): using tiny RANDOM-WEIGHT Wan stand-ins. "
                    "The output only demonstrates the pipeline; it is not an upscale.")
@@ -213,6 +214,14 @@ def stage_adapter(base, adapter):
     return dst.name
 
 
+def sample_shape(text):
+    """"33x320x180" -> (33, 320, 180): frames, width, height of the default input."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"SAMPLE must be FRAMESxWIDTHxHEIGHT, e.g. {SAMPLE_SHAPE}; got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def demo(args):
     output = Path(args.output).resolve()
     tmp_out = output.with_name(f".{output.stem}.partial{output.suffix}")
@@ -231,7 +240,7 @@ def demo(args):
             comfy_server.place_file(src, base / "input" / input_name)
         else:
             input_name = SAMPLE_CLIP
-            make_clip(bigbuckbunny(), base / "input" / input_name, 33, 320, 180)
+            make_clip(bigbuckbunny(), base / "input" / input_name, *sample_shape(args.sample))
         adapter = stage_adapter(base, args.adapter)
         workflow = api_workflow_path(args.stream)
         prompt = configure(load_api_workflow(args.stream), input_name=input_name, scale=args.scale,
@@ -271,7 +280,7 @@ def serve(args):
     yaml_path = stage_models(base, args.models_dir, DIT_NAME, VAE_NAME)
     clip = base / "input" / SAMPLE_CLIP
     if not clip.is_file():
-        make_clip(bigbuckbunny(), clip, 33, 320, 180)
+        make_clip(bigbuckbunny(), clip, *sample_shape(SAMPLE_SHAPE))
     server = comfy_server.ComfyServer(base, port=args.port, listen=args.listen, extra_model_paths=yaml_path)
     try:
         server.start(log_to_console=True)
@@ -290,7 +299,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="LiteVSR demo and browser server")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo")
-    d.add_argument("--input", default=None, help="video file (default: 33 frames of bigbuckbunny at 320x180)")
+    d.add_argument("--input", default=None, help="video file (default: bigbuckbunny cut to --sample)")
+    d.add_argument("--sample", default=SAMPLE_SHAPE,
+                   help="frames x width x height of the default input (a shorter, smaller one is a quicker demo)")
     d.add_argument("--output", default=str(REPO / "output" / "demo.mp4"))
     d.add_argument("--scale", type=int, default=4)
     d.add_argument("--steps", type=int, default=1)
