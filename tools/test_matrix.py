@@ -70,7 +70,7 @@ def run_suite(python, comfy, version, partial, pytest_args, report_dir):
     junit = report_dir / f"junit-{version}.xml"
     tests = [f"tests/{name}" for name in COMPATIBILITY_TESTS] if partial else ["tests"]
     env = dict(os.environ, COMFYUI_PATH=comfy, LITEVSR_PYTHON=python, PYTHONDONTWRITEBYTECODE="1")
-    command = [python, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--timeout=600", "-ra",
+    command = [python, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--timeout=600", "-ra", "--durations=15",
                f"--junitxml={junit}", *pytest_args]
     print(f"\n[matrix] ComfyUI {version}: {' '.join(command[1:])}", flush=True)
     started = time.monotonic()
