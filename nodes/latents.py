@@ -2,8 +2,9 @@
 INFO_KEY = "litevsr"
 
 
-def vsr_latent(samples, frames, height, width, scale):
-    return {"samples": samples, INFO_KEY: {"frames": frames, "height": height, "width": width, "scale": scale}}
+def vsr_latent(samples, frames, height, width):
+    """`frames`, `height`, `width`: the exact output the decode crops back to (the scale is already in them)."""
+    return {"samples": samples, INFO_KEY: {"frames": frames, "height": height, "width": width}}
 
 
 def vsr_info(latent):

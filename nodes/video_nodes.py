@@ -37,4 +37,4 @@ class LiteVSREncodeVideo(io.ComfyNode):
         # One DiT token covers VAE stride x patch pixels, so the grid follows the VAE that is plugged in.
         grid_px = vae.spacial_compression_encode() * WAN_PATCH[1]
         padded = pad_for_encode(resize_frames(images[..., :3], out_height, out_width), grid_px)
-        return io.NodeOutput(vsr_latent(vae.encode(padded), count, out_height, out_width, scale))
+        return io.NodeOutput(vsr_latent(vae.encode(padded), count, out_height, out_width))

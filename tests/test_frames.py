@@ -59,7 +59,7 @@ def test_encode_and_tiled_decode_give_the_exact_clip(tiny_vae, count, size, scal
     samples = latent["samples"]
     assert samples.shape[2] == (count - 1 + TEMPORAL_STRIDE - 1) // TEMPORAL_STRIDE + 1
     assert samples.shape[3] * 8 % grid_px == 0 and samples.shape[4] * 8 % grid_px == 0
-    assert latent["litevsr"] == {"frames": count, "height": scale * height, "width": scale * width, "scale": scale}
+    assert latent["litevsr"] == {"frames": count, "height": scale * height, "width": scale * width}
 
     frames = LiteVSRTiledDecode.execute(tiny_vae, latent, tile_size=96, overlap=32).result[0]
     assert frames.shape == (count, scale * height, scale * width, 3)

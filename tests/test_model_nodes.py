@@ -91,7 +91,7 @@ def test_attaching_twice_is_refused(tiny_dit):
 @pytest.mark.matrix("Models", "Wan2.1 DiT with a Wan2.2 VAE")
 def test_sampler_contract_and_errors(tiny_dit):
     patched = attach(tiny_dit)
-    latent = vsr_latent(torch.randn(1, 16, 2, 4, 6), frames=5, height=64, width=96, scale=2)
+    latent = vsr_latent(torch.randn(1, 16, 2, 4, 6), frames=5, height=64, width=96)
     for start in ("noise", "lr_latent"):
         out = sample(patched, latent, steps=2, start=start)
         assert out["samples"].shape == latent["samples"].shape and out["litevsr"] == latent["litevsr"]
@@ -101,7 +101,7 @@ def test_sampler_contract_and_errors(tiny_dit):
     with pytest.raises(ValueError, match="Encode LR Video"):
         sample(patched, {"samples": latent["samples"]})
     with pytest.raises(ValueError, match="48 channels but the wan2.1 DiT expects 16"):
-        sample(patched, vsr_latent(torch.randn(1, 48, 2, 4, 6), 5, 64, 96, 2))
+        sample(patched, vsr_latent(torch.randn(1, 48, 2, 4, 6), 5, 64, 96))
     with pytest.raises(ValueError, match="no LiteVSR adapter"):
         sample(tiny_dit, latent)
 
@@ -120,7 +120,7 @@ def test_wan22_ti2v_geometry_is_supported(tmp_path):
     patched = attach(wan22, injection="shared_blocks", rank=8)
     adapter = patched.additional_models["litevsr"][0].model
     assert adapter.structure_embed.in_channels == 48 and len(adapter.injections) == 2
-    latent = vsr_latent(torch.randn(1, 48, 2, 4, 6), frames=5, height=128, width=192, scale=4)
+    latent = vsr_latent(torch.randn(1, 48, 2, 4, 6), frames=5, height=128, width=192)
     x = torch.randn(1, 48, 2, 4, 6)
     context = tiny_models.zero_text_context()
     from comfyui_litevsr.nodes.backbone import make_denoiser
