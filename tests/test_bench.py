@@ -197,7 +197,7 @@ PROBES = {"matmul": [0.080, 0.081, 0.081], "copy": [0.100, 0.101, 0.102]}  # 242
 
 def _fake_overhead_run(durations):
     """What the adapter_overhead worker returns for Wan2.1-1.3B at 128 tokens, its repeats fed by a fake timer."""
-    from comfyui_litevsr.nodes.core.geometry import WAN21_1_3B
+    from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B
     from comfyui_litevsr.nodes.core.memory import dit_step_flops
 
     geometry = overhead.GEOMETRIES["wan2.1-1.3B"]
@@ -293,7 +293,7 @@ def test_repeats_continue_until_the_fastest_three_agree_within_their_bounds():
 
 
 def test_regime_and_headline_token_count():
-    from comfyui_litevsr.nodes.core.geometry import WAN21_1_3B
+    from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B
     from comfyui_litevsr.nodes.core.memory import dit_step_flops
 
     weights = 4 * overhead.weight_count(**overhead.GEOMETRIES["wan2.1-1.3B"])
