@@ -156,7 +156,7 @@ def dit_step_bytes(signature: BackboneSignature, latent_frames, latent_h, latent
 
     Attention is PyTorch SDPA (memory-efficient / flash), so nothing is O(L^2): the estimate is linear in L.
     `shared_blocks=True` runs every block on a doubled batch (the adapter's condition branch): ~2x the block term.
-    `options`: ffn_dim (default from FFN_DIM), adapter_width (dim), adapter_dtype_bytes (4: adapters run in
+    `options`: ffn_dim (default `ffn_dim_of`), adapter_width (dim), adapter_dtype_bytes (4: adapters run in
     float32 unless cast), adapter_window ((1, 8, 8)), adapter_mlp_ratio (2). Weights are not included
     (`dit_weight_bytes`). Wan2.2 with a per-frame denoise mask would add per-token modulation; LiteVSR's sampler
     passes one timestep per sample, so it is not modelled.
