@@ -1,7 +1,7 @@
 """Adapter overhead at real backbone geometry: the step time of the adapter-steered DiT over the bare DiT's, and how
 close each step runs to the machine.
 
-A random-weight Wan DiT at the real width and depth (Wan2.1-1.3B: dim 1536, 30 blocks, FFN 8960) is loaded through
+A random-weight Wan DiT at the real width and depth (Wan2.1-1.3B's, from the backbone registry) is loaded through
 ComfyUI's own detection (comfy.sd.load_diffusion_model_state_dict), in float32, and called as ComfyUI's samplers
 call it on a small token grid with the real 512-token text context. The bare model, a `direct` adapter and a
 `shared_blocks` adapter (both zero-initialised, so their output must equal the bare model's) are timed in turn,
@@ -16,14 +16,18 @@ The headline token count is the smallest of HEADLINE_LATENTS that is compute-bou
 runs every block on twice the tokens, must cost clearly more than the bare step, and a ratio that does not is
 refused as a failed check.
 """
+import comfy_env
 from harness import (RepeatPolicy, machine_probes, measured_probes, probe_rates, publish, repeat_policy,
                      repeat_until_settled, run_worker, section, summarize_records, table, timed, verdict, worker)
 
-# Real Wan geometries (the released configs): width, depth, FFN width, latent channels.
+comfy_env.import_pack()
+from comfyui_litevsr.nodes.core import backbones  # noqa: E402
+
+# Real Wan geometries (the registry's releases) as the stand-in builder takes them: family, width, depth, FFN width.
 GEOMETRIES = {
-    "wan2.1-1.3B": dict(dim=1536, num_layers=30, ffn_dim=8960, latent_channels=16),
-    "wan2.2-5B": dict(dim=3072, num_layers=30, ffn_dim=14336, latent_channels=48),
-    "tiny": dict(dim=256, num_layers=2, ffn_dim=1536, latent_channels=16),  # for the harness's own test
+    "wan2.1-1.3B": backbones.release("wan2.1-t2v-1.3b").stand_in_shape,
+    "wan2.2-5B": backbones.release("wan2.2-ti2v-5b").stand_in_shape,
+    "tiny": dict(family="wan2.1", dim=256, num_layers=2, ffn_dim=1536),  # for the harness's own test
 }
 MODES = ("direct", "shared_blocks")
 SECONDS = {"seconds": "min"}  # what the steps and probes record, and its statistic (harness: why the minimum)
@@ -38,15 +42,10 @@ COMPUTE_BOUND_MARGIN = 2.0
 PHYSICS_FLOOR = 0.5
 
 
-def weight_count(dim, num_layers, ffn_dim, latent_channels, text_dim=4096, freq_dim=256, patch=4):
-    """Parameters of a Wan T2V DiT (comfy/ldm/wan/model.py), to decide before building it whether it fits."""
-    d, f, out = dim, ffn_dim, latent_channels * patch
-    # self- and cross-attention (q, k, v, o with biases; q/k RMSNorms), affine norm3, FFN, 6-way modulation
-    block = 2 * (4 * d * d + 4 * d + 2 * d) + 2 * d + (2 * d * f + f + d) + 6 * d
-    # patch embedding, text and time MLPs, 6-way time projection
-    embed = (out * d + d) + (text_dim * d + d + d * d + d) + (freq_dim * d + d + d * d + d) + (6 * d * d + 6 * d)
-    head = d * out + out + 2 * d
-    return num_layers * block + embed + head
+def weight_count(family, dim, num_layers, ffn_dim):
+    """Parameters of the stand-in DiT of a geometry (the registry's formula), to decide before building it whether
+    it fits."""
+    return backbones.dit_parameters(backbones.family(family).signature(dim, num_layers, dim // 128), ffn_dim)
 
 
 def load_bytes_needed(geometry):

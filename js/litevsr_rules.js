@@ -5,7 +5,7 @@
 
 export const TEMPORAL_STRIDE = 4; // Wan VAE: latent 0 = frame 0, then groups of 4 frames (clips are 4n+1)
 export const MIN_CHUNK_FRAMES = TEMPORAL_STRIDE + 1; // nodes/core/memory.py MIN_CHUNK_FRAMES
-export const MIN_GRID_PX = 16; // one DiT token: 16 px for Wan2.1 (32 px for Wan2.2 TI2V-5B)
+export const MIN_GRID_PX = 16; // one DiT token on the finest grid of nodes/core/backbones.py (tests/test_registry.py)
 
 // Fields of the degradation overrides (nodes/core/degrade.py StageConfig / FinalConfig) and what they take:
 // 0 = a number, n > 0 = a list of n values, -1 = a list of any length.

@@ -9,7 +9,8 @@ import comfy.model_patcher
 import comfy.patcher_extension
 
 from .core.adapter_file import check_backbone
-from .core.geometry import WAN_PATCH, BackboneSignature, family_for_channels
+from .core.backbones import Recognition, families, recognise
+from .core.geometry import BackboneSignature
 
 KEY = "litevsr"  # wrapper key, additional-model key and transformer_options key
 CHECKPOINT_KEY = "litevsr_gradient_checkpointing"  # transformer_options flag set by the trainer
@@ -21,23 +22,25 @@ class UnsupportedBackbone(ValueError):
 
 
 def backbone_signature(model) -> BackboneSignature:
-    """Signature of a MODEL from the stock loaders; anything but a Wan T2V/TI2V DiT is refused by name."""
+    """Signature of a MODEL from the stock loaders, recognised as a family of the backbone registry by ComfyUI's
+    model and latent format classes and the DiT's model type; anything else is refused by name."""
     base = getattr(model, "model", None)
     dit = getattr(base, "diffusion_model", None)
     found = f"{type(base).__name__} ({type(dit).__name__})"
-    channels = getattr(getattr(base, "latent_format", None), "latent_channels", None)
-    family = family_for_channels(channels)
-    if type(dit) is not comfy.ldm.wan.model.WanModel or dit.model_type != "t2v" or family is None \
-            or dit.in_dim != channels or dit.out_dim != channels or tuple(dit.patch_size) != WAN_PATCH:
+    latent_format = getattr(base, "latent_format", None)
+    family = None
+    if type(dit) is comfy.ldm.wan.model.WanModel:
+        family = recognise(Recognition(type(base).__name__, type(latent_format).__name__, dit.model_type))
+    channels = getattr(latent_format, "latent_channels", None)
+    if family is None or {channels, dit.in_dim, dit.out_dim} != {family.latent_channels} \
+            or tuple(dit.patch_size) != family.patch:
         details = ""
         if isinstance(dit, comfy.ldm.wan.model.WanModel):
             details = f", model_type {dit.model_type}, in_dim {dit.in_dim}, out_dim {dit.out_dim}"
         raise UnsupportedBackbone(
-            f"LiteVSR needs a Wan2.1 T2V (1.3B/14B) or Wan2.2 TI2V-5B model from 'Load Diffusion Model'; got {found}"
-            f"{details}. I2V, VACE, camera and other variants are not supported.")
-    name, vae_stride = family
-    return BackboneSignature(name, dim=dit.dim, num_layers=dit.num_layers, num_heads=dit.num_heads,
-                             latent_channels=channels, vae_stride=vae_stride, text_dim=dit.text_dim)
+            f"LiteVSR needs a {' or '.join(f.title for f in families())} model from 'Load Diffusion Model'; got "
+            f"{found}{details}. I2V, VACE, camera and other variants are not supported.")
+    return family.signature(dim=dit.dim, num_layers=dit.num_layers, num_heads=dit.num_heads, text_dim=dit.text_dim)
 
 
 def _twice(tensor):

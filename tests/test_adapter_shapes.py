@@ -3,17 +3,12 @@ import pytest
 import torch
 
 from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter, trainable_parameters
-from comfyui_litevsr.nodes.core.geometry import FFN_DIM, WAN21_1_3B, WAN21_14B, WAN22_5B
+from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B, WAN21_14B, WAN22_5B, release_of
 
 
 def backbone_parameters(sig):
-    """Parameter count of a Wan T2V DiT of this geometry (the published 1.3B / 14B / 5B sizes)."""
-    d, f, p = sig.dim, FFN_DIM[sig], sig.patch_size
-    block = 4 * (d * d + d) * 2 + 4 * d + (d * f + f) + (f * d + d) + 6 * d + 2 * d  # attn x2, qk norms, ffn, mod, norm3
-    embed = sig.latent_channels * d * p[0] * p[1] * p[2] + d + sig.text_dim * d + d + d * d + d
-    time = 256 * d + d + d * d + d + d * 6 * d + 6 * d
-    head = d * sig.latent_channels * p[0] * p[1] * p[2] + sig.latent_channels * p[0] * p[1] * p[2] + 2 * d
-    return sig.num_layers * block + embed + time + head
+    """Parameter count of a published Wan T2V DiT (the registry's 1.3B / 14B / 5B releases)."""
+    return release_of(sig).parameters
 
 
 @pytest.mark.parametrize("name,sig,billions", [("Wan2.1-T2V-1.3B", WAN21_1_3B, 1.42), ("Wan2.1-T2V-14B", WAN21_14B, 14.3),

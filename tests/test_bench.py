@@ -197,7 +197,7 @@ PROBES = {"matmul": [0.080, 0.081, 0.081], "copy": [0.100, 0.101, 0.102]}  # 242
 
 def _fake_overhead_run(durations):
     """What the adapter_overhead worker returns for Wan2.1-1.3B at 128 tokens, its repeats fed by a fake timer."""
-    from comfyui_litevsr.nodes.core.geometry import WAN21_1_3B
+    from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B
     from comfyui_litevsr.nodes.core.memory import dit_step_flops
 
     geometry = overhead.GEOMETRIES["wan2.1-1.3B"]
@@ -293,13 +293,13 @@ def test_repeats_continue_until_the_fastest_three_agree_within_their_bounds():
 
 
 def test_regime_and_headline_token_count():
-    from comfyui_litevsr.nodes.core.geometry import WAN21_1_3B
+    from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B
     from comfyui_litevsr.nodes.core.memory import dit_step_flops
 
     weights = 4 * overhead.weight_count(**overhead.GEOMETRIES["wan2.1-1.3B"])
 
     def flops_of(latent):
-        return dit_step_flops(WAN21_1_3B, *latent, ffn_dim=8960)
+        return dit_step_flops(WAN21_1_3B, *latent, ffn_dim=overhead.GEOMETRIES["wan2.1-1.3B"]["ffn_dim"])
 
     # 128 tokens: ~86 FLOP per byte of float32 weights
     assert overhead.regime(flops_of((2, 16, 16)), weights, balance=14) == "compute-bound"  # a 2-core CPU
@@ -358,11 +358,11 @@ def test_closing_line_and_deliberate_load(tmp_path):
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)  # killed and reaped
 
 
-@pytest.mark.parametrize("channels, ffn", [(16, 1536), (48, 512)])
-def test_weight_count_is_exact(channels, ffn):
+@pytest.mark.parametrize("family, ffn", [("wan2.1", 1536), ("wan2.2", 512)])
+def test_weight_count_is_exact(family, ffn):
     # decides whether a geometry is built at all (the 5B needs ~37 GiB to load in float32): it must be exact
     import overhead
     import tiny_models
 
-    state = tiny_models.tiny_wan_dit_state_dict(dim=256, num_layers=2, latent_channels=channels, ffn_dim=ffn)
-    assert overhead.weight_count(256, 2, ffn, channels) == sum(v.numel() for v in state.values())
+    state = tiny_models.tiny_wan_dit_state_dict(dim=256, num_layers=2, family=family, ffn_dim=ffn)
+    assert overhead.weight_count(family, 256, 2, ffn) == sum(v.numel() for v in state.values())

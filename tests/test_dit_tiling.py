@@ -4,9 +4,10 @@ import torch
 
 from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
 from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter
+from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B, WAN21_14B, WAN22_5B
 from comfyui_litevsr.nodes.core.dit_tiling import (aligned_spans, default_overlap, dit_tile_plan, latent_tiling,
                                                    pad_to_patch, patch_multiple, tiled_denoiser, training_tile)
-from comfyui_litevsr.nodes.core.geometry import WAN21_1_3B, WAN21_14B, WAN22_5B, BackboneSignature
+from comfyui_litevsr.nodes.core.geometry import BackboneSignature
 from comfyui_litevsr.nodes.core.sampling import flow_sigmas, sample_vsr, seeded_noise
 
 import tiny_models

@@ -308,7 +308,7 @@ def test_dit_and_vae_of_different_wan_generations_are_refused(comfy, inputs, tin
         check_vae(SimpleNamespace(latent_channels=48), patched)
 
     tiny_models.save_tiny_wan_dit(comfy.base / "models" / "diffusion_models" / "fm_wan22.safetensors", dim=128,
-                                  num_layers=2, latent_channels=48)
+                                  num_layers=2, family="wan2.2")
     fails(comfy, example(TEST_CLIP, "fm/wan22", dit="fm_wan22.safetensors"),
           "The LR latent has 16 channels but the wan2.2 DiT expects 48: encode with the VAE that matches the model",
           node_type="LiteVSRSampler")

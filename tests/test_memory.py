@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from comfyui_litevsr.nodes.core import memory
-from comfyui_litevsr.nodes.core.geometry import WAN21_1_3B, WAN21_14B, WAN22_5B, BackboneSignature, frames_on_grid
+from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B, WAN21_14B, WAN22_5B
+from comfyui_litevsr.nodes.core.geometry import BackboneSignature, frames_on_grid
 from comfyui_litevsr.nodes.core.memory import (
     GiB, MiB, Plan, PlanOutOfMemory, chunk_host_bytes, decode_bytes, dit_step_breakdown, dit_step_bytes, encode_bytes,
     host_available_bytes, oom_stage, plan, run_with_oom_retry)

@@ -112,7 +112,7 @@ def test_wan22_ti2v_geometry_is_supported(tmp_path):
     import comfy.model_management
 
     wan22 = load(tiny_models.save_tiny_wan_dit(tmp_path / "wan22.safetensors", dim=128, num_layers=2,
-                                               latent_channels=48))
+                                               family="wan2.2"))
     assert type(wan22.model).__name__ == "WAN22"
     signature = backbone_signature(wan22)
     assert (signature.family, signature.latent_channels, signature.vae_stride, signature.grid_px) == \

@@ -9,10 +9,10 @@ test reaches it. This runs three steps, each on a fresh headless server started 
   b. the training example (litevsr_train_api.json): 20 adapter steps, checkpoints and a saved adapter
   c. the long-video example (streaming node, file to file) on a 300-frame clip: exactly 300 frames out at scale x
 
-with random weights at the real Wan2.1-1.3B geometry (dim 1536, 30 blocks, 12 heads, FFN 8960, text 4096: the
-bench's builder, bench/overhead.py GEOMETRIES + tools/tiny_models.py) saved in fp16 as the released file is, and
-a Wan2.1 VAE at its real width (96). Weights are random: the check is about loading, memory and the code paths, not
-about quality. Sizes are small so the whole run stays under 10 minutes on one H200: 160x96 input at scale 4
+with random weights at the real Wan2.1-1.3B geometry (its release in the backbone registry, built as the bench
+builds it: bench/overhead.py GEOMETRIES + tools/tiny_models.py) saved in fp16 as the released file is, and a Wan2.1
+VAE at its real width (96). Weights are random: the check is about loading, memory and the code paths, not about
+quality. Sizes are small so the whole run stays under 10 minutes on one H200: 160x96 input at scale 4
 (640x384 out), the training example's 17-frame 256x256 crops.
 
     python tools/gpu_check.py [--geometry wan2.1-1.3B] [--size 160x96] [--scale 4] [--steps 2] [--frames 33]

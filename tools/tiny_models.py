@@ -9,7 +9,11 @@ import math
 import torch
 from safetensors.torch import save_file
 
-TEXT_DIM = 4096  # fixed in ComfyUI's Wan detection
+import comfy_env
+
+comfy_env.import_pack()
+from comfyui_litevsr.nodes.core import backbones  # noqa: E402
+from comfyui_litevsr.nodes.core.geometry import TEXT_DIM  # noqa: E402
 TEXT_LEN = 512
 
 
@@ -29,8 +33,9 @@ def _init_(module, seed, weight_std=None):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
 
 
-def tiny_wan_dit_state_dict(dim=256, num_layers=2, latent_channels=16, ffn_dim=None, seed=0, head_std=None):
-    """State dict of a Wan T2V DiT (Wan2.1 geometry for 16 latent channels, Wan2.2-5B for 48).
+def tiny_wan_dit_state_dict(dim=256, num_layers=2, family="wan2.1", ffn_dim=None, seed=0, head_std=None):
+    """State dict of the stand-in DiT of a registry family: a Wan T2V DiT with the family's latent channels, patch
+    and model type, which ComfyUI's detection loads as that family's model (Wan2.1 at 16 channels, Wan2.2 at 48).
 
     `head_std`: std of the output projection. The default 0.02 makes the stand-in's velocity far smaller than a
     trained Wan's (unit scale); training tests use 1/sqrt(dim) so an adapter can steer the output to the target."""
@@ -39,10 +44,11 @@ def tiny_wan_dit_state_dict(dim=256, num_layers=2, latent_channels=16, ffn_dim=N
 
     if dim % 128:
         raise ValueError("ComfyUI derives heads as dim // 128: dim must be a multiple of 128")
+    entry = backbones.family(family)
     model = comfy.ldm.wan.model.WanModel(
-        model_type="t2v", patch_size=(1, 2, 2), in_dim=latent_channels, out_dim=latent_channels, dim=dim,
-        ffn_dim=ffn_dim or 2 * dim, freq_dim=256, text_dim=TEXT_DIM, num_heads=dim // 128, num_layers=num_layers,
-        operations=comfy.ops.disable_weight_init)
+        model_type=entry.recognition.model_type, patch_size=entry.patch, in_dim=entry.latent_channels,
+        out_dim=entry.latent_channels, dim=dim, ffn_dim=ffn_dim or 2 * dim, freq_dim=backbones.FREQ_DIM,
+        text_dim=TEXT_DIM, num_heads=dim // 128, num_layers=num_layers, operations=comfy.ops.disable_weight_init)
     _init_(model, seed, weight_std=0.02)
     if head_std is not None:
         head = model.head.head.weight

@@ -32,17 +32,10 @@ import math
 
 import torch.nn.functional as F
 
+from .backbones import training_release
 from .geometry import WAN_PATCH, BackboneSignature, round_up
 from .tiling import FeatherBlender, Span, tile_spans
 
-# Published training resolutions (width x height px) of the supported backbones. Wan2.1-1.3B is a 480p model;
-# Wan2.1-14B and Wan2.2-TI2V-5B were trained up to 720p (TI2V-5B at 1280x704, a multiple of its 32 px grid).
-TRAINING_RESOLUTION_PX = {
-    "wan2.1-1.3b": (832, 480),
-    "wan2.1-14b": (1280, 720),
-    "wan2.2-ti2v-5b": (1280, 704),
-}
-WAN21_14B_DIM = 5120
 PATCH = WAN_PATCH[1]  # spatial patch of every Wan DiT (square)
 DEFAULT_OVERLAP_FRACTION = 1 / 8
 
@@ -61,19 +54,6 @@ def _pair(value, name):
     return pair
 
 
-def backbone_model(signature: BackboneSignature):
-    """Which published Wan the signature describes, as a `TRAINING_RESOLUTION_PX` key.
-
-    Wan2.1 checkpoints only differ in width: dim 5120 is the 14B; every other Wan2.1 (the 1.3B, and tiny
-    stand-ins) is treated as the 480p 1.3B, the smaller and so the safer tile."""
-    if signature.family == "wan2.2":
-        return "wan2.2-ti2v-5b"
-    if signature.family == "wan2.1":
-        return "wan2.1-14b" if signature.dim == WAN21_14B_DIM else "wan2.1-1.3b"
-    raise ValueError(f"no training resolution known for backbone family {signature.family!r}; "
-                     "pass the DiT tile size explicitly")
-
-
 def patch_multiple(signature: BackboneSignature):
     """Latent alignment of DiT tiles: the spatial patch (2 for every Wan)."""
     _, patch_h, patch_w = signature.patch_size
@@ -83,15 +63,16 @@ def patch_multiple(signature: BackboneSignature):
 
 
 def training_tile(signature: BackboneSignature, height=None, width=None):
-    """Default DiT tile `(height, width)` in latent units: the backbone's training resolution / VAE stride.
+    """Default DiT tile `(height, width)` in latent units: the backbone's training resolution (its release in the
+    backbone registry, `backbones.training_release`) / VAE stride.
 
     Wan2.1-1.3B 832x480 px -> (60, 104); Wan2.1-14B 1280x720 -> (90, 160); Wan2.2-TI2V-5B 1280x704 at stride 16
     -> (44, 80). The published resolutions are landscape; pass the latent `height` and `width` and a portrait
     latent gets the tile turned to portrait too (Wan is trained on both orientations).
     """
-    width_px, height_px = TRAINING_RESOLUTION_PX[backbone_model(signature)]
+    width_px, height_px = training_release(signature).training_px
     stride, multiple = signature.vae_stride, patch_multiple(signature)
-    if height_px % (stride * multiple) or width_px % (stride * multiple):  # cannot happen for the table above
+    if height_px % (stride * multiple) or width_px % (stride * multiple):  # a release registered off its grid
         raise ValueError(f"training resolution {width_px}x{height_px} px is off the {stride * multiple} px grid")
     tile = (height_px // stride, width_px // stride)
     if height is not None and width is not None and height > width:

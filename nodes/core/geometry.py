@@ -1,28 +1,29 @@
-"""Wan backbone geometry: the one source of truth for grids, strides and adapter shapes."""
+"""Wan backbone geometry: what an adapter depends on in a backbone, and the grids that follow from it. The facts of
+each supported family and release (channels, strides, widths, training resolutions) live in `backbones.py`."""
 import json
 from dataclasses import asdict, dataclass
 
 WAN_PATCH = (1, 2, 2)  # every Wan T2V DiT patchifies latents 1x2x2
 TEMPORAL_STRIDE = 4  # Wan VAEs: 4n+1 frames <-> n+1 latent frames
+TEXT_DIM = 4096  # umt5-xxl width every Wan DiT reads its text context at
 
 
 @dataclass(frozen=True)
 class BackboneSignature:
     """What an adapter depends on in a backbone; recorded in every adapter file and checked on load."""
 
-    family: str  # "wan2.1" (16 latent channels, VAE stride 8) or "wan2.2" (48 channels, stride 16)
+    family: str  # a family id of the backbone registry (backbones.py)
     dim: int
     num_layers: int
     num_heads: int
     latent_channels: int
     vae_stride: int
-    text_dim: int = 4096
+    text_dim: int = TEXT_DIM
     patch_size: tuple = WAN_PATCH
 
     @property
     def grid_px(self):
-        """Pixel multiple the DiT needs: one token covers vae_stride x patch pixels."""
-        return self.vae_stride * self.patch_size[1]
+        return token_px(self.vae_stride, self.patch_size)
 
     def describe(self):
         return (f"{self.family} DiT (dim {self.dim}, {self.num_layers} blocks, {self.num_heads} heads, "
@@ -38,15 +39,9 @@ class BackboneSignature:
         return cls(**fields)
 
 
-def family_for_channels(latent_channels):
-    return {16: ("wan2.1", 8), 48: ("wan2.2", 16)}.get(latent_channels)
-
-
-# Published geometries (methods.md §2), used for shape checks and benchmarks without allocating weights.
-WAN21_1_3B = BackboneSignature("wan2.1", dim=1536, num_layers=30, num_heads=12, latent_channels=16, vae_stride=8)
-WAN21_14B = BackboneSignature("wan2.1", dim=5120, num_layers=40, num_heads=40, latent_channels=16, vae_stride=8)
-WAN22_5B = BackboneSignature("wan2.2", dim=3072, num_layers=30, num_heads=24, latent_channels=48, vae_stride=16)
-FFN_DIM = {WAN21_1_3B: 8960, WAN21_14B: 13824, WAN22_5B: 14336}
+def token_px(vae_stride, patch_size):
+    """Pixel multiple a DiT needs: one token covers vae_stride x patch pixels."""
+    return vae_stride * patch_size[1]
 
 
 def frames_on_grid(frames, stride=TEMPORAL_STRIDE):

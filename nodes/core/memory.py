@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .dit_tiling import training_tile
-from .geometry import FFN_DIM, TEMPORAL_STRIDE, TEXT_TOKENS, BackboneSignature, frames_on_grid, round_up
+from .backbones import dit_parameters, release_of, vae_family
+from .geometry import TEMPORAL_STRIDE, TEXT_TOKENS, BackboneSignature, frames_on_grid, round_up
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 FP32 = 4
@@ -83,7 +84,8 @@ DEFAULT_ADAPTER_WINDOW = (1, 8, 8)
 def ffn_dim_of(signature: BackboneSignature):
     """FFN width of a known backbone; for unknown widths (tiny stand-ins) 6 x dim, above every published ratio
     (1.3B: 5.83, 14B: 2.7, 5B: 4.67), so the estimate stays an upper bound. Pass `ffn_dim` when known."""
-    return FFN_DIM.get(signature) or 6 * signature.dim
+    release = release_of(signature)
+    return release.ffn_dim if release else 6 * signature.dim
 
 
 def dit_tokens(signature: BackboneSignature, latent_frames, latent_h, latent_w):
@@ -93,16 +95,8 @@ def dit_tokens(signature: BackboneSignature, latent_frames, latent_h, latent_w):
 
 
 def dit_weight_bytes(signature: BackboneSignature, dtype_bytes, ffn_dim=None):
-    """Parameter bytes of a Wan T2V DiT (for callers that budget before loading): per block 4 d^2 + 4 d^2
-    (self and cross attention) + 2 d ffn + norms and modulation; plus text/time embeddings and the head.
-    Wan2.1-1.3B: 1.42 G parameters."""
-    d, f = signature.dim, ffn_dim or ffn_dim_of(signature)
-    block = 8 * d * d + 8 * d + 4 * d + 2 * d * f + f + d + 2 * d + 6 * d
-    patch = math.prod(signature.patch_size) * signature.latent_channels
-    embeddings = (signature.text_dim * d + d * d + 2 * d) + (256 * d + d * d + 2 * d) + (d * 6 * d + 6 * d)
-    head = d * patch + patch + 2 * d  # linear to the patch channels + its modulation
-    params = signature.num_layers * block + embeddings + head + patch * d + d  # + the Conv3d patch embedding
-    return params * dtype_bytes
+    """Parameter bytes of a Wan T2V DiT (for callers that budget before loading). Wan2.1-1.3B: 1.42 G parameters."""
+    return dit_parameters(signature, ffn_dim or ffn_dim_of(signature)) * dtype_bytes
 
 
 def dit_step_breakdown(signature: BackboneSignature, latent_frames, latent_h, latent_w, dtype_bytes, batch=1,
@@ -162,7 +156,7 @@ def dit_step_bytes(signature: BackboneSignature, latent_frames, latent_h, latent
 
     Attention is PyTorch SDPA (memory-efficient / flash), so nothing is O(L^2): the estimate is linear in L.
     `shared_blocks=True` runs every block on a doubled batch (the adapter's condition branch): ~2x the block term.
-    `options`: ffn_dim (default from FFN_DIM), adapter_width (dim), adapter_dtype_bytes (4: adapters run in
+    `options`: ffn_dim (default `ffn_dim_of`), adapter_width (dim), adapter_dtype_bytes (4: adapters run in
     float32 unless cast), adapter_window ((1, 8, 8)), adapter_mlp_ratio (2). Weights are not included
     (`dit_weight_bytes`). Wan2.2 with a per-frame denoise mask would add per-token modulation; LiteVSR's sampler
     passes one timestep per sample, so it is not modelled.
@@ -231,20 +225,6 @@ def latent_state_bytes(signature: BackboneSignature, latent_frames, latent_h, la
 # VAE
 # ---------------------------------------------------------------------------------------------------------------
 
-# ComfyUI's own estimates (comfy/sd.py, VAE.__init__), in bytes per dtype byte per OUTPUT pixel of one frame:
-# they are what `VAE.decode` / `VAE.encode` ask `load_models_gpu` to free, so using them keeps the plan consistent
-# with what ComfyUI itself will reserve. Wan2.1 decode: 7000 * h * w * 64 for latent h x w; encode 6000 * H * W.
-# Wan2.2 decode: 8000 * h * w * 256; encode 3300 * H * W.
-VAE_DECODE_PER_PX = {8: 7000, 16: 8000}
-VAE_ENCODE_PER_PX = {8: 6000, 16: 3300}
-LATENT_CHANNELS_FOR_STRIDE = {8: 16, 16: 48}
-
-
-def _per_px(table, vae_stride, what):
-    if vae_stride not in table:
-        raise ValueError(f"no {what} memory model for a VAE with spatial stride {vae_stride}; Wan VAEs have 8 or 16")
-    return table[vae_stride]
-
 
 def decode_bytes(vae_stride, tile_latent_h, tile_latent_w, dtype_bytes, out_frames=None):
     """Device bytes to decode one spatial tile of `tile_latent_h x tile_latent_w` latents.
@@ -257,7 +237,7 @@ def decode_bytes(vae_stride, tile_latent_h, tile_latent_w, dtype_bytes, out_fram
     device (`torch.cat([out, out_], 2)`), so `out_frames` adds 2 copies (the cat) of 3 x T x H x W in the VAE
     dtype: 81 frames add 7 % to the Wan2.1 figure."""
     px = tile_latent_h * vae_stride * tile_latent_w * vae_stride
-    total = _per_px(VAE_DECODE_PER_PX, vae_stride, "decode") * px * dtype_bytes
+    total = vae_family(vae_stride).vae_decode_per_px * px * dtype_bytes
     if out_frames:
         total += 2 * 3 * out_frames * px * dtype_bytes
     return total
@@ -268,10 +248,10 @@ def encode_bytes(vae_stride, tile_h_px, tile_w_px, dtype_bytes, frames=None):
     dtype` for Wan2.1, 3300 for Wan2.2; the encoder works on 4 frames at a time with a cache). `frames` adds the
     pixel input ComfyUI moves to the device whole (3 x T x H x W) and the concatenated latent output."""
     px = tile_h_px * tile_w_px
-    total = _per_px(VAE_ENCODE_PER_PX, vae_stride, "encode") * px * dtype_bytes
+    total = vae_family(vae_stride).vae_encode_per_px * px * dtype_bytes
     if frames:
         latent_frames = (frames - 1) // TEMPORAL_STRIDE + 1
-        channels = LATENT_CHANNELS_FOR_STRIDE.get(vae_stride, 48)
+        channels = vae_family(vae_stride).latent_channels
         total += 3 * frames * px * dtype_bytes + 2 * channels * latent_frames * (px // vae_stride ** 2) * dtype_bytes
     return total
 
