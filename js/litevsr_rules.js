@@ -4,7 +4,7 @@
 //  - formatProgress: the status line for a `litevsr.progress` websocket message.
 
 export const TEMPORAL_STRIDE = 4; // Wan VAE: latent 0 = frame 0, then groups of 4 frames (clips are 4n+1)
-export const MIN_CHUNK_FRAMES = TEMPORAL_STRIDE + 1; // nodes/core/memory.py MIN_CHUNK_FRAMES
+export const MIN_CHUNK_FRAMES = TEMPORAL_STRIDE + 1; // nodes/core/memory_plan.py MIN_CHUNK_FRAMES
 export const MIN_GRID_PX = 16; // one DiT token on the finest grid of nodes/core/backbones.py (tests/test_registry.py)
 
 // Fields of the degradation overrides (nodes/core/degrade.py StageConfig / FinalConfig) and what they take:
@@ -82,7 +82,7 @@ export const RULES = [
       null,
   },
   {
-    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames"], python: "core/memory.py _check_chunk",
+    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames"], python: "core/memory_plan.py check_chunk",
     check: ({ chunk_frames: c }) => {
       if (!isNum(c) || c === 0 || isChunk(c)) return null;
       const low = Math.max(MIN_CHUNK_FRAMES, Math.floor((c - 1) / TEMPORAL_STRIDE) * TEMPORAL_STRIDE + 1);
@@ -91,12 +91,12 @@ export const RULES = [
     },
   },
   {
-    node: "LiteVSRUpscaleVideoFile", widgets: ["overlap_frames"], python: "core/memory.py plan",
+    node: "LiteVSRUpscaleVideoFile", widgets: ["overlap_frames"], python: "core/memory_plan.py plan",
     check: ({ overlap_frames: o }) => isNum(o) && (o < 0 || o % TEMPORAL_STRIDE) ?
       `overlap_frames must be a multiple of ${TEMPORAL_STRIDE}, got ${o}` : null,
   },
   {
-    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames", "overlap_frames"], python: "core/memory.py _check_chunk",
+    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames", "overlap_frames"], python: "core/memory_plan.py check_chunk",
     check: ({ chunk_frames: c, overlap_frames: o }) => isChunk(c) && isNum(o) && o % TEMPORAL_STRIDE === 0 &&
       c - 1 - o < TEMPORAL_STRIDE ?
       `chunk_frames ${c} leaves no new frames with an overlap of ${o} (the overlap must be at most ` +

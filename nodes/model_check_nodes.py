@@ -5,7 +5,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from . import extension_paths  # noqa: F401 - registers models/litevsr, which the report lists
-from .core.model_files import check, load_manifest
+from .model_files import check, load_manifest
 
 
 class HashProgress:

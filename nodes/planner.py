@@ -1,17 +1,20 @@
-"""The memory planner with ComfyUI's view of free memory, and a per-chunk OOM retry for the streaming node."""
+"""The memory planner with ComfyUI's view of free memory, and a per-chunk OOM retry for the streaming node.
+
+A plan here is core/memory_plan.py's: the chunk and tile sizes chosen for a run with their estimates."""
 import logging
 
 import comfy.model_management
 
-from .core import memory
+from .core import memory_plan, oom
 from .core.dit_tiling import default_overlap, patch_multiple
+from .core.host_memory import host_available_bytes
 
 log = logging.getLogger("LiteVSR")
 DECODE_OVERLAP_PX = 64
 
 
 def is_oom(exc):
-    return isinstance(exc, comfy.model_management.OOM_EXCEPTION) or memory.default_is_oom(exc)
+    return isinstance(exc, comfy.model_management.OOM_EXCEPTION) or oom.default_is_oom(exc)
 
 
 def plan_for_video(model, signature, num_frames, out_h, out_w, chunk_frames=0, dit_tile_px=0, decode_tile_px=0,
@@ -27,9 +30,9 @@ def plan_for_video(model, signature, num_frames, out_h, out_w, chunk_frames=0, d
                  "dit_tile": (dit_tile_px // stride) if dit_tile_px else "auto",
                  "decode_tile": decode_tile_px or "auto"}
     dtype_bytes = comfy.model_management.dtype_size(model.model.get_dtype())
-    return memory.plan(signature, out_h, out_w, num_frames, budget,
-                       memory.host_available_bytes() // processes_per_host, requested, dtype_bytes=dtype_bytes,
-                       overlap_frames=overlap_frames, stream_output=True)
+    options = memory_plan.PlanOptions(dtype_bytes=dtype_bytes, overlap_frames=overlap_frames, stream_output=True)
+    return memory_plan.plan(signature, out_h, out_w, num_frames, budget,
+                            host_available_bytes() // processes_per_host, requested, options)
 
 
 def decode_overlap(plan):
@@ -49,7 +52,7 @@ def retrying(process_for_plan, plan):
     state = {"plan": plan}
 
     def process(frames, first_frame, known):
-        result, state["plan"] = memory.run_with_oom_retry(
+        result, state["plan"] = oom.run_with_oom_retry(
             lambda current: process_for_plan(current)(frames, first_frame, known), state["plan"], is_oom=is_oom,
             on_retry=log.warning)
         return result

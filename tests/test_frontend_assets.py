@@ -17,7 +17,7 @@ import comfy_server
 import workflows
 from comfyui_litevsr.nodes import progress
 from comfyui_litevsr.nodes.core import decode as core_decode
-from comfyui_litevsr.nodes.core import dit_tiling, memory
+from comfyui_litevsr.nodes.core import dit_tiling, memory_plan
 from comfyui_litevsr.nodes.core.dataset import VideoClipDataset, check_clip_frames
 from comfyui_litevsr.nodes.core.degrade import DegradationConfig, with_overrides
 from comfyui_litevsr.nodes.trainer import check_clip_geometry
@@ -140,9 +140,9 @@ def python_sampler(tile, overlap):
 def python_stream(chunk, overlap):
     def check():
         if overlap % 4:
-            raise ValueError("overlap")  # memory.plan
+            raise ValueError("overlap")  # memory_plan.plan
         if chunk:
-            memory._check_chunk(chunk, 10_000, overlap)
+            memory_plan.check_chunk(chunk, 10_000, overlap)
     return raises(check)
 
 
@@ -220,8 +220,8 @@ def test_rule_messages_match_the_python_errors(tmp_path):
     assert out[0] == [python_error(lambda: core_decode._latent_tiling(64, 64, 8))]
     assert out[1] == [python_error(lambda: dit_tiling.latent_tiling(SIGNATURE, 256, 256))]
     assert out[2] == ["chunk_frames must be 4n+1 (5, 9, ..., 33, 81) or 0 (auto), got 32; use 29 or 33"]
-    assert python_error(lambda: memory._check_chunk(32, 100, 8)).endswith("got 32; use 29 or 33")
-    assert out[3][0].startswith(python_error(lambda: memory._check_chunk(9, 100, 8)))
+    assert python_error(lambda: memory_plan.check_chunk(32, 100, 8)).endswith("got 32; use 29 or 33")
+    assert out[3][0].startswith(python_error(lambda: memory_plan.check_chunk(9, 100, 8)))
     assert out[4] == [python_error(lambda: VideoClipDataset(str(tmp_path), 16, (256, 256)))]
     assert out[5] == ["training crop 256x250 (Video Dataset) must be divisible by the degradation scale 4"]
     assert out[6][0].startswith("degradation overrides: stage1.blur_sigma takes a list")

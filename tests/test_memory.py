@@ -28,12 +28,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_litevsr.nodes.core import memory
+from comfyui_litevsr.nodes.core import memory, memory_plan, oom
 from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B, WAN21_14B, WAN22_5B
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature, frames_on_grid
-from comfyui_litevsr.nodes.core.memory import (
-    GiB, MiB, Plan, PlanOutOfMemory, chunk_host_bytes, decode_bytes, dit_step_breakdown, dit_step_bytes, encode_bytes,
-    host_available_bytes, oom_stage, plan, run_with_oom_retry)
+from comfyui_litevsr.nodes.core.host_memory import host_available_bytes
+from comfyui_litevsr.nodes.core.memory import (GiB, MiB, chunk_host_bytes, decode_bytes, dit_step_breakdown,
+                                               dit_step_bytes, encode_bytes)
+from comfyui_litevsr.nodes.core.memory_plan import Plan, PlanOptions, plan
+from comfyui_litevsr.nodes.core.oom import PlanOutOfMemory, oom_stage, run_with_oom_retry
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -318,7 +320,7 @@ def test_wan21_1080p_tiles_under_8_gib_and_not_under_80():
     for p in (small, large):
         text = p.describe()
         assert "1920x1080" in text and "81 frames" in text and "(auto)" in text
-        assert memory._fmt(p.budget_bytes) in text and memory._fmt(p.dit_bytes) in text
+        assert memory_plan.format_bytes(p.budget_bytes) in text and memory_plan.format_bytes(p.dit_bytes) in text
     assert "DiT untiled" in large.describe() and "VAE untiled" in large.describe()
     assert "DiT tiles" in small.describe() and "VAE tiles" in small.describe()
 
@@ -326,7 +328,7 @@ def test_wan21_1080p_tiles_under_8_gib_and_not_under_80():
 def test_frames_within_the_training_size_stay_untiled_and_shorten_the_chunk():
     roomy = plan(WAN21_1_3B, 480, 832, 300, 80 * GiB, 64 * GiB)
     assert not roomy.dit_tiled and roomy.chunk_frames == 81  # capped at Wan's clip length
-    budget = int(0.6 * roomy.dit_bytes) + memory.DEFAULT_RESERVE_BYTES
+    budget = int(0.6 * roomy.dit_bytes) + memory_plan.DEFAULT_RESERVE_BYTES
     tight = plan(WAN21_1_3B, 480, 832, 300, budget, 64 * GiB)
     assert not tight.dit_tiled and 5 <= tight.chunk_frames < 81 and tight.fits()
     longer = tight.with_sizes(chunk_frames=tight.chunk_frames + 4)
@@ -336,9 +338,9 @@ def test_frames_within_the_training_size_stay_untiled_and_shorten_the_chunk():
 def test_untiled_is_not_bought_with_very_short_chunks():
     """Wan2.1-14B at its 720p training size on 8 GiB: untiled would need chunks under 33 frames, so it tiles."""
     p = plan(WAN21_14B, 720, 1280, 121, 8 * GiB, 64 * GiB)
-    assert p.dit_tiled and p.chunk_frames >= memory.PREFERRED_MIN_CHUNK_FRAMES and p.fits()
+    assert p.dit_tiled and p.chunk_frames >= memory_plan.PREFERRED_MIN_CHUNK_FRAMES and p.fits()
     roomy = plan(WAN21_14B, 720, 1280, 121, 24 * GiB, 64 * GiB)
-    assert not roomy.dit_tiled and memory.PREFERRED_MIN_CHUNK_FRAMES <= roomy.chunk_frames < 81
+    assert not roomy.dit_tiled and memory_plan.PREFERRED_MIN_CHUNK_FRAMES <= roomy.chunk_frames < 81
 
 
 def test_portrait_frames_get_portrait_tiles():
@@ -349,7 +351,7 @@ def test_portrait_frames_get_portrait_tiles():
 @pytest.mark.matrix("Video", "sizes that blow the memory budget")
 def test_frames_above_the_training_size_keep_the_chunk_and_tile():
     roomy = plan(WAN21_1_3B, 1080, 1920, 81, 80 * GiB, 64 * GiB)
-    budget = int(0.5 * roomy.dit_bytes) + memory.DEFAULT_RESERVE_BYTES
+    budget = int(0.5 * roomy.dit_bytes) + memory_plan.DEFAULT_RESERVE_BYTES
     p = plan(WAN21_1_3B, 1080, 1920, 81, budget, 64 * GiB)
     assert p.chunk_frames == 81 and p.dit_tiled and p.fits()
 
@@ -357,7 +359,7 @@ def test_frames_above_the_training_size_keep_the_chunk_and_tile():
 def test_short_videos_get_one_chunk_and_overlap_raises_the_floor():
     p = plan(WAN21_1_3B, 480, 832, 17, 80 * GiB, 64 * GiB)
     assert p.chunk_frames == 17 and "one chunk" in p.describe()
-    assert memory.chunk_candidates(300, min_frames=13)[-1] == 13
+    assert memory_plan.chunk_candidates(300, min_frames=13)[-1] == 13
     assert plan(WAN21_1_3B, 480, 832, 6, 80 * GiB, 64 * GiB).chunk_frames == 9  # 6 frames pad to 9
 
 
@@ -372,7 +374,7 @@ def test_refuses_an_impossible_budget_before_allocating():
         plan(WAN21_1_3B, 2160, 3840, 1000, 80 * GiB, 2 * GiB)
     assert "RAM" in str(host.value) and "stream the output" in str(host.value)
     # streaming the output to a file removes the whole-video IMAGE from the host estimate
-    streamed = plan(WAN21_1_3B, 2160, 3840, 1000, 80 * GiB, 3 * GiB, stream_output=True)
+    streamed = plan(WAN21_1_3B, 2160, 3840, 1000, 80 * GiB, 3 * GiB, options=PlanOptions(stream_output=True))
     assert streamed.host_bytes <= 3 * GiB and streamed.chunk_frames < 81
 
 
@@ -491,15 +493,15 @@ def test_gives_up_at_once_when_nothing_is_left_to_halve():
 
 def test_dit_oom_at_the_smallest_tile_halves_the_chunk():
     p = plan(WAN21_1_3B, 480, 832, 81, 80 * GiB, 64 * GiB, {"chunk_frames": 81, "dit_tile": 16})
-    assert memory.halve_for("dit", p) == ("chunk_frames", 81, 41)
-    assert memory.halve_for("chunk", p.with_sizes(chunk_frames=9)) == ("chunk_frames", 9, 5)
-    assert memory.halve_for("encode", p)[0] == "decode_tile"
+    assert oom.halve_for("dit", p) == ("chunk_frames", 81, 41)
+    assert oom.halve_for("chunk", p.with_sizes(chunk_frames=9)) == ("chunk_frames", 9, 5)
+    assert oom.halve_for("encode", p)[0] == "decode_tile"
 
 
 def test_default_predicate():
-    assert memory.default_is_oom(torch.OutOfMemoryError("x"))
-    assert memory.default_is_oom(MemoryError())
-    assert memory.default_is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"))
-    assert memory.default_is_oom(RuntimeError("MPS backend out of memory"))
-    assert not memory.default_is_oom(RuntimeError("shape mismatch"))
-    assert not memory.default_is_oom(ValueError("out of memory"))
+    assert oom.default_is_oom(torch.OutOfMemoryError("x"))
+    assert oom.default_is_oom(MemoryError())
+    assert oom.default_is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"))
+    assert oom.default_is_oom(RuntimeError("MPS backend out of memory"))
+    assert not oom.default_is_oom(RuntimeError("shape mismatch"))
+    assert not oom.default_is_oom(ValueError("out of memory"))

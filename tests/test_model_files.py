@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import models as models_tool
-from comfyui_litevsr.nodes.core import model_files as mf
+from comfyui_litevsr.nodes import model_files as mf
 
 PAYLOAD = bytes(range(256)) * 997 + b"tail"  # 255,236 bytes: several chunks at the test chunk size
 CHUNK = 16 << 10
@@ -93,7 +93,7 @@ def names_in(folder):
 
 
 def fetch(manifest, folder, **kwargs):
-    return mf.download(manifest.file("tiny-dit"), str(folder), chunk_size=CHUNK, **kwargs)
+    return models_tool.download(manifest.file("tiny-dit"), str(folder), chunk_size=CHUNK, **kwargs)
 
 
 # --- downloads ----------------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_cut_connection_keeps_the_part_and_the_next_call_resumes_with_range(serv
     server.files["/dit"] = PAYLOAD
     server.cut_after = cut = 100_000
     manifest = tiny_manifest(server.url("/dit"))
-    with pytest.raises(mf.DownloadInterrupted, match="resumes"):
+    with pytest.raises(models_tool.DownloadInterrupted, match="resumes"):
         fetch(manifest, tmp_path)
     assert names_in(tmp_path) == [".tiny-dit.safetensors.part"]
     assert (tmp_path / ".tiny-dit.safetensors.part").read_bytes() == PAYLOAD[:cut]
@@ -162,7 +162,7 @@ def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
 def test_wrong_hash_is_refused_and_the_part_removed(server, tmp_path):
     server.files["/dit"] = PAYLOAD
     manifest = tiny_manifest(server.url("/dit"), sha256="0" * 64)
-    with pytest.raises(mf.ChecksumMismatch, match="nothing was installed"):
+    with pytest.raises(models_tool.ChecksumMismatch, match="nothing was installed"):
         fetch(manifest, tmp_path)
     assert names_in(tmp_path) == []
 

@@ -8,7 +8,8 @@ import torch
 
 import tiny_models
 from comfyui_litevsr.nodes.backbone import UnsupportedBackbone, attach_adapter, backbone_signature, make_denoiser
-from comfyui_litevsr.nodes.core import backbones, memory, model_files
+from comfyui_litevsr.nodes import model_files
+from comfyui_litevsr.nodes.core import backbones, memory
 from comfyui_litevsr.nodes.core.backbones import Family, Recognition, Release, registered
 from comfyui_litevsr.nodes.core.dit_tiling import latent_tiling, training_tile
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature

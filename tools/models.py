@@ -13,8 +13,13 @@ matches the manifest; a file without a SHA-256 in the manifest is refused unless
 library only: no ComfyUI import, any Python 3.10+ runs it.
 """
 import argparse
+import hashlib
+import os
+import re
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_env  # noqa: E402
 
 comfy_env.import_pack()
-from comfyui_litevsr.nodes.core import model_files  # noqa: E402
+from comfyui_litevsr.nodes import model_files  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,6 +67,153 @@ class Progress:
             self.stream.write("\n")
 
 
+# --- downloads ----------------------------------------------------------------------------------------------------
+
+USER_AGENT = "ComfyUI-LiteVSR-models/1"
+
+
+class DownloadInterrupted(model_files.ModelFileError):
+    """The transfer stopped early; the partial file is kept and the next download resumes from it."""
+
+
+class ChecksumMismatch(model_files.ModelFileError):
+    """The downloaded bytes are not the file the manifest names; the partial file was deleted."""
+
+
+class _Partial:
+    """The open `.part` file and the running SHA-256 of its contents."""
+
+    def __init__(self, path):
+        self.path = path
+        self.handle = open(path, "a+b")  # closed by download()
+        _lock(self.handle, path)
+        self.restart_digest()
+        self.handle.seek(0)
+        while chunk := self.handle.read(model_files.CHUNK):
+            self.digest.update(chunk)
+        self.size = self.handle.tell()
+
+    def restart_digest(self):
+        self.digest = hashlib.sha256()
+
+    def truncate(self):
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.restart_digest()
+        self.size = 0
+
+    def append(self, chunk):
+        self.handle.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+
+
+def _lock(handle, path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise model_files.ModelFileError(f"another download is writing {path}; wait for it to finish") from None
+
+
+def download(entry, target_dir, allow_unverified=False, progress=None, timeout=60.0, chunk_size=model_files.CHUNK):
+    """Downloads `entry` into target_dir and returns the final path. The bytes go to `.<name>.part` (an existing
+    one is resumed with `Range: bytes=<size>-`), and are renamed to the final name only when size and SHA-256 match
+    the manifest. progress(done, total) after every chunk; an exception raised by it (an interrupt) stops the
+    download and keeps the partial file, as a broken connection does (DownloadInterrupted). A wrong hash deletes
+    the partial file (ChecksumMismatch). An entry without a SHA-256 is refused unless allow_unverified."""
+    if entry.sha256 is None and not allow_unverified:
+        raise model_files.ModelFileError(f"{entry.name}: the manifest has no SHA-256 for this file, so a download "
+                                         f"could not be verified; refusing it (tools/models.py --allow-unverified "
+                                         f"downloads it anyway)")
+    os.makedirs(target_dir, exist_ok=True)
+    final = os.path.join(target_dir, entry.name)
+    if os.path.lexists(final):
+        raise model_files.ModelFileError(f"{final} already exists; not overwriting it (delete it first to download "
+                                         f"it again)")
+    partial = _Partial(model_files.partial_path(target_dir, entry.name))
+    try:
+        if entry.size is not None and partial.size > entry.size:
+            partial.truncate()
+        if entry.size is None or partial.size < entry.size:
+            _transfer(entry, partial, progress, timeout, chunk_size)
+        partial.handle.flush()
+        os.fsync(partial.handle.fileno())
+    finally:
+        partial.handle.close()
+    _finish(entry, partial, final)
+    return final
+
+
+def _transfer(entry, partial, progress, timeout, chunk_size):
+    offset = partial.size
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(entry.source, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset and entry.size is None:
+            return  # the partial file already holds everything the server has; the hash decides
+        if error.code == 416 and offset:
+            partial.truncate()
+            raise model_files.ModelFileError(f"{entry.name}: the server refused to resume at byte {offset}; the "
+                                             f"partial download was discarded, run again to start over") from None
+        raise model_files.ModelFileError(
+            f"{entry.name}: HTTP {error.code} {error.reason} from {entry.source}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise DownloadInterrupted(f"{entry.name}: cannot reach {entry.source}: {getattr(error, 'reason', error)}"
+                                  + _kept(partial)) from None
+    with response:
+        if response.status == 200 and offset:
+            partial.truncate()  # the server ignored the Range request: start over
+        elif response.status == 206 and _range_start(response.headers.get("Content-Range")) != offset:
+            raise model_files.ModelFileError(f"{entry.name}: the server answered the resume at byte {offset} with "
+                                             f"{response.headers.get('Content-Range')!r}")
+        elif response.status not in (200, 206):
+            raise model_files.ModelFileError(f"{entry.name}: unexpected HTTP {response.status} from {entry.source}")
+        length = response.headers.get("Content-Length")
+        end = partial.size + int(length) if length is not None else entry.size
+        if entry.size is not None and end is not None and end != entry.size:
+            raise model_files.ModelFileError(f"{entry.name}: the server offers {end} bytes, the manifest expects "
+                                             f"{entry.size}: not the file the manifest names")
+        try:
+            while chunk := response.read(chunk_size):
+                partial.append(chunk)
+                if progress is not None:
+                    progress(partial.size, end)
+        except (OSError, ValueError, EOFError) as error:  # reset, timeout, http.client.IncompleteRead
+            raise DownloadInterrupted(f"{entry.name}: the connection broke after {partial.size} of {end} bytes "
+                                      f"({type(error).__name__})" + _kept(partial)) from None
+    if end is not None and partial.size < end:
+        raise DownloadInterrupted(f"{entry.name}: the connection closed after {partial.size} of {end} bytes"
+                                  + _kept(partial))
+
+
+def _finish(entry, partial, final):
+    if entry.size is not None and partial.size != entry.size:
+        raise DownloadInterrupted(f"{entry.name}: {partial.size} of {entry.size} bytes" + _kept(partial))
+    if entry.sha256 is not None and partial.digest.hexdigest() != entry.sha256:
+        os.remove(partial.path)
+        raise ChecksumMismatch(f"{entry.name}: downloaded SHA-256 {partial.digest.hexdigest()} is not the "
+                               f"manifest's {entry.sha256}; the download was deleted, nothing was installed")
+    os.chmod(partial.path, 0o644)
+    os.replace(partial.path, final)
+
+
+def _kept(partial):
+    return f"; the partial download stays in {partial.path} and the next run resumes from there"
+
+
+def _range_start(content_range):
+    match = re.match(r"bytes (\d+)-", content_range or "")
+    return int(match.group(1)) if match else None
+
+
 def download_missing(report, selected, allow_unverified):
     """Downloads the selected files that are missing; returns the number that failed."""
     failures = 0
@@ -76,7 +228,7 @@ def download_missing(report, selected, allow_unverified):
         print(f"downloading {entry.relative} ({model_files.human_size(entry.size)}) from {entry.source}")
         progress = Progress(entry.name)
         try:
-            path = model_files.download(entry, str(Path(state.target).parent), allow_unverified, progress)
+            path = download(entry, str(Path(state.target).parent), allow_unverified, progress)
         except model_files.ModelFileError as error:
             progress.close()
             print(f"FAILED: {error}")

@@ -14,7 +14,7 @@ import torch
 from .colour import correct_colour
 from .frames import crop_to, pad_for_encode, resize_frames
 from .geometry import TEMPORAL_STRIDE
-from .memory import oom_stage
+from .oom import oom_stage
 from .sampling import KnownFrames, sample_vsr, video_noise
 from .temporal import Stitcher
 
