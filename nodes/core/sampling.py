@@ -5,12 +5,17 @@ Conventions (rectified flow, sigma in [0, 1], sigma = 1 is pure noise):
   denoiser       x0_hat  = denoise(x_sigma, sigma, lr, estimate)     (the DiT predicts v = noise - x0)
   Euler step     x_next  = x + (sigma_next - sigma) * (x - x0_hat) / sigma
 The adapter's refinement stream reads the current clean estimate: it starts at the LR latent and is replaced by
-each step's x0_hat (LiteVSR's state feedback).
+each call's x0_hat (LiteVSR's state feedback).
 
 Carried state for long videos: `known` latent frames (the previous chunk's finished clean latents over the
-overlap) are held at their flow-matching state sigma * noise + (1 - sigma) * known at every step, so the DiT's
-temporal attention sees the finished frames as context, and they come out unchanged. Frames that are not known
-never read them directly: a model without temporal interaction gives the same result as without carried state.
+overlap) are held at their flow-matching state sigma * noise + (1 - sigma) * known in every model input, so the
+DiT's temporal attention sees the finished frames as context, and they come out unchanged. Frames that are not
+known never read them directly: a model without temporal interaction gives the same result as without carried
+state.
+
+The feedback and the carried frames wrap the denoiser into a k-diffusion model `model(x, sigma) -> x0_hat`, so a
+stepper is a k-diffusion style `sample_*(model, x, sigmas, callback=None)` that knows neither; `sample_euler` is
+the one in use, and another is passed to `sample_vsr` as `stepper`.
 """
 from dataclasses import dataclass
 
@@ -72,23 +77,45 @@ class KnownFrames:
         return x
 
 
-def sample_vsr(denoise, lr_latent, noise, sigmas, start="noise", on_step=None, known=None):
-    """Runs len(sigmas) - 1 Euler steps; returns the final clean latent."""
+def sample_euler(model, x, sigmas, callback=None):
+    """k-diffusion's sample_euler with a float sigma; the step to sigma 0 returns the clean estimate exactly."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        x = euler_step(x, denoised, sigma, sigma_next)
+    return x
+
+
+def with_feedback(denoise, lr_latent, estimate):
+    """`model(x, sigma)` over `denoise(x, sigma, lr_latent, estimate)`: every call reads the previous call's x0_hat
+    (the first reads `estimate`). A stepper calling the model more than once a step (Heun) feeds back every call."""
+    def model(x, sigma):
+        nonlocal estimate
+        estimate = denoise(x, sigma, lr_latent, estimate)
+        return estimate
+    return model
+
+
+def with_known(model, known, noise):
+    """`model` with the known frames held at their state at sigma in its input. The model never reads the
+    stepper's own values on those frames, and sample_vsr imposes them again at the end, so an elementwise stepper
+    (Euler, Heun) gives the other frames exactly what imposing them on its state would."""
+    return lambda x, sigma: model(known.impose(x, sigma, noise), sigma)
+
+
+def sample_vsr(denoise, lr_latent, noise, sigmas, start="noise", on_step=None, known=None, stepper=sample_euler):
+    """Runs `stepper` over the schedule with state feedback and carried frames; returns the final clean latent.
+    `on_step(done, steps)` fires once per step."""
     if start == "noise" and float(sigmas[0]) != 1.0:
         raise ValueError("starting from noise needs the schedule to start at sigma 1")
-    x = initial_state(start, lr_latent, noise)
-    estimate = lr_latent if known is None else known.impose(lr_latent, 0.0, noise)
-    known_noise = noise if start == "noise" else None
     steps = len(sigmas) - 1
-    for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        if known is not None:
-            x = known.impose(x, sigma, known_noise)
-        x0 = denoise(x, sigma, lr_latent, estimate)
-        estimate = x0
-        x = euler_step(x, x0, sigma, sigma_next)
-        if on_step is not None:
-            on_step(i + 1, steps)
+    callback = None if on_step is None else (lambda info: on_step(info["i"] + 1, steps))
+    model = with_feedback(denoise, lr_latent, lr_latent if known is None else known.impose(lr_latent, 0.0, noise))
+    if known is not None:
+        model = with_known(model, known, noise if start == "noise" else None)
+    x = stepper(model, initial_state(start, lr_latent, noise), sigmas, callback)
     return x if known is None else known.impose(x, 0.0, noise)
 
 

@@ -8,6 +8,8 @@ Adaptive trajectory unrolling: the refinement stream starts at the LR latent; M(
 calls feed their clean estimates back before the one call that is trained, with
   M(sigma) = round(1 + s (1 - sigma) / (1 + (s - 1)(1 - sigma)) * (M_max - 1)),  s = 5,
 so training sees the estimates the sampler will show the adapter at inference.
+The loss is a parameter of the trainer: an objective is `objective(denoise, hr_latent, lr_latent, noise, sigma,
+config) -> per-sample loss [B]` (velocity_loss by default); `unrolled_denoise` gives it the trained call.
 
 Every random choice of a sample (clip, crop, degradation, noise, sigma) is a pure function of (seed, sample
 index), and sample indices are laid out so that K processes with batch B/K draw the same global batch as one
@@ -89,18 +91,24 @@ def _per_sample(values, like):
     return values.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def velocity_loss(denoise, hr_latent, lr_latent, noise, sigma, config):
-    """Weighted velocity error per sample `[B]`; gradients reach the adapter through the last model call only."""
-    s = _per_sample(sigma, hr_latent).to(hr_latent.dtype)
-    noisy = s * noise + (1 - s) * hr_latent
+def unrolled_denoise(denoise, noisy, lr_latent, sigma, config):
+    """x0_hat of the trained call at `noisy` after M(sigma) - 1 gradient-free calls fed their clean estimates back
+    (samples needing fewer keep theirs); gradients reach the adapter through this last call only."""
     calls = unroll_count(sigma, config.max_unrolls, config.unroll_shift)
     estimate = lr_latent
     with torch.no_grad():
         for k in range(int(calls.max()) - 1):
             fed_back = denoise(noisy, sigma, lr_latent, estimate)
-            keep_going = _per_sample(k < calls - 1, hr_latent)
+            keep_going = _per_sample(k < calls - 1, noisy)
             estimate = torch.where(keep_going, fed_back.to(estimate.dtype), estimate)
-    predicted = denoise(noisy, sigma, lr_latent, estimate).float()
+    return denoise(noisy, sigma, lr_latent, estimate)
+
+
+def velocity_loss(denoise, hr_latent, lr_latent, noise, sigma, config):
+    """Weighted velocity error per sample `[B]`: the default objective."""
+    s = _per_sample(sigma, hr_latent).to(hr_latent.dtype)
+    noisy = s * noise + (1 - s) * hr_latent
+    predicted = unrolled_denoise(denoise, noisy, lr_latent, sigma, config).float()
     velocity_error = (noisy - predicted) / s - (noise - hr_latent)
     return loss_weight(sigma, config).to(velocity_error.device) * velocity_error.pow(2).flatten(1).mean(dim=1)
 
@@ -169,10 +177,10 @@ def validation_set(pairs, clips):
     return [pairs.sample(VALIDATION_STREAM, clip, sigma) for clip in range(clips) for sigma in VALIDATION_SIGMAS]
 
 
-def validation_loss(denoise, samples, config, device):
+def validation_loss(denoise, samples, config, device, objective=velocity_loss):
     with torch.no_grad():
-        losses = [velocity_loss(denoise, s.hr_latent.to(device), s.lr_latent.to(device), s.noise.to(device),
-                                s.sigma, config) for s in samples]
+        losses = [objective(denoise, s.hr_latent.to(device), s.lr_latent.to(device), s.noise.to(device),
+                            s.sigma, config) for s in samples]
     return float(torch.cat(losses).mean())
 
 
@@ -198,10 +206,13 @@ class World:
 
 
 class AdapterTrainer:
-    """AdamW on the adapter's parameters; one `step()` is one optimizer step over the global batch."""
+    """AdamW on the adapter's parameters; one `step()` is one optimizer step over the global batch of `objective`.
+    Sigma reaches the objective on the CPU, the latents on the device."""
 
-    def __init__(self, adapter, denoise, pairs, config, device="cpu", world=None, autocast_dtype=None):
+    def __init__(self, adapter, denoise, pairs, config, device="cpu", world=None, autocast_dtype=None,
+                 objective=velocity_loss):
         self.adapter, self.denoise, self.pairs, self.config = adapter, denoise, pairs, config
+        self.objective = objective
         self.device, self.world, self.autocast_dtype = torch.device(device), world or World(), autocast_dtype
         adapter.requires_grad_(True)
         self.parameters = [p for p in adapter.parameters()]
@@ -217,8 +228,8 @@ class AdapterTrainer:
     def _forward(self, batch):
         move = (lambda t: t.to(self.device))
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return velocity_loss(self.denoise, move(batch.hr_latent), move(batch.lr_latent), move(batch.noise),
-                                 batch.sigma, self.config)
+            return self.objective(self.denoise, move(batch.hr_latent), move(batch.lr_latent), move(batch.noise),
+                                  batch.sigma, self.config)
 
     def step(self):
         config, world = self.config, self.world
