@@ -184,23 +184,6 @@ def load_models(dit_path, vae_path):
     return model, vae
 
 
-def with_adapter(model, adapter_path, injection, rank):
-    import torch
-    from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature
-    from comfyui_litevsr.nodes.core.adapter_file import load_adapter
-    from comfyui_litevsr.nodes.core.geometry import TEXT_TOKENS
-    from comfyui_litevsr.nodes.model_nodes import new_adapter
-
-    signature = backbone_signature(model)
-    if adapter_path:
-        module, context = load_adapter(str(adapter_path), signature)
-    else:
-        module, context = new_adapter(signature, injection, rank), None
-    if context is None:
-        context = torch.zeros(1, TEXT_TOKENS, signature.text_dim)
-    return attach_adapter(model, module, context)
-
-
 # --- planning ---------------------------------------------------------------------------------------------------
 
 def plan_sizes(model, signature, reader, args, ranks):
@@ -250,6 +233,7 @@ def run(args, ranks, frames_to=None):
     (tools/eval.py scores those)."""
     import torch
 
+    from comfyui_litevsr.nodes.adapters import adapter_from_file, with_adapter
     from comfyui_litevsr.nodes.backbone import backbone_signature
     from comfyui_litevsr.nodes.core.distributed import rank_ranges, upscale_shared
     from comfyui_litevsr.nodes.core.sampling import flow_sigmas
@@ -271,7 +255,8 @@ def run(args, ranks, frames_to=None):
     with tempfile.TemporaryDirectory(prefix="litevsr-stand-ins-") as scratch:
         dit_path, vae_path = build_stand_ins(scratch) if args.stand_ins else (args.dit, args.vae)
         model, vae = load_models(dit_path, vae_path)
-    model = with_adapter(model, args.adapter, args.injection, args.adapter_rank)
+    model = with_adapter(model, *adapter_from_file(backbone_signature(model), args.adapter, args.injection,
+                                                   args.adapter_rank))
     signature = backbone_signature(model)
     load_seconds = time.monotonic() - t0
     ranks.say(f"models loaded in {load_seconds:.1f} s", everyone=ranks.shared)
