@@ -94,11 +94,11 @@ def overhead_worker(config):
     import comfy.model_management
     import comfy.sd
     import tiny_models
+    from comfyui_litevsr.nodes.adapters import new_adapter
     from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
     from comfyui_litevsr.nodes.core.adapter import trainable_parameters
     from comfyui_litevsr.nodes.core.host_memory import host_available_bytes
     from comfyui_litevsr.nodes.core.memory import dit_step_flops, dit_tokens
-    from comfyui_litevsr.nodes.model_nodes import new_adapter
 
     geometry = GEOMETRIES[config["geometry"]]
     need, have = load_bytes_needed(geometry), host_available_bytes()

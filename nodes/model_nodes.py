@@ -1,23 +1,11 @@
 """Attach State-Aware Adapter: MODEL + adapter file (or a fresh zero-init adapter) -> MODEL."""
-import torch
-
 import folder_paths
 from comfy_api.latest import io
 
-from .backbone import attach_adapter, backbone_signature
-from .core.adapter import INJECTION_MODES, AdapterConfig, StateAwareAdapter
-from .core.adapter_file import load_adapter
-from .core.geometry import TEXT_TOKENS
+from .adapters import NEW_ADAPTER, adapter_from_choice, with_adapter
+from .backbone import backbone_signature
+from .core.adapter import INJECTION_MODES
 from .extension_paths import ADAPTER_FOLDER
-
-NEW_ADAPTER = "new (zero-init)"
-
-
-def new_adapter(signature, mode, rank, seed=0):
-    """A fresh adapter; seeded so a fresh start (and training from it) is reproducible."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return StateAwareAdapter(AdapterConfig(signature, mode=mode, rank=rank))
 
 
 def adapter_choice_inputs(adapter_tooltip):
@@ -33,13 +21,6 @@ def adapter_choice_inputs(adapter_tooltip):
                      tooltip="For a new adapter only. 0: full-rank injection layers; r > 0: low-rank (LoRA-style) "
                              "injection with rank r, far fewer parameters."),
     ]
-
-
-def adapter_from_choice(signature, adapter, injection, rank, seed=0):
-    """(module, stored text context or None) for a combo choice of `adapter_choice_inputs`."""
-    if adapter == NEW_ADAPTER:
-        return new_adapter(signature, injection, rank, seed), None
-    return load_adapter(folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter), signature)
 
 
 class LiteVSRAttachAdapter(io.ComfyNode):
@@ -65,10 +46,7 @@ class LiteVSRAttachAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter, injection, rank, conditioning=None) -> io.NodeOutput:
-        signature = backbone_signature(model)
-        module, context = adapter_from_choice(signature, adapter, injection, rank)
+        module, context = adapter_from_choice(backbone_signature(model), adapter, injection, rank)
         if conditioning is not None:
             context = conditioning[0][0]
-        if context is None:
-            context = torch.zeros(1, TEXT_TOKENS, signature.text_dim)
-        return io.NodeOutput(attach_adapter(model, module, context))
+        return io.NodeOutput(with_adapter(model, module, context))

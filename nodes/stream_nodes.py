@@ -3,23 +3,19 @@ import logging
 import os
 import time
 
-import comfy.model_management
 import comfy.utils
 import folder_paths
 from comfy_api.latest import InputImpl, io, ui
 
-from .backbone import backbone_signature
 from .compare_nodes import UI_KEY as COMPARE_UI_KEY
 from .compare_nodes import save_compare
 from .core.colour import METHODS
-from .core.sampling import flow_sigmas
-from .core.stream import VSRPipeline, upscale_chunks
-from .core.temporal import DEFAULT_CUT_THRESHOLD, SceneCutDetector, chunk_plan
-from .core.video_io import VideoReader, VideoWriter
-from .pipeline import check_vae, dit_denoiser, grid_px, hr_decoder, lr_encoder
-from .planner import decode_overlap, dit_overlap, plan_for_video, retrying
+from .core.temporal import DEFAULT_CUT_THRESHOLD
+from .core.video_io import VideoReader
+from .pipeline import check_interrupt
 from .progress import Eta, send_progress
 from .sample_nodes import sampling_inputs
+from .streaming import StreamOptions, StreamUpscale
 
 log = logging.getLogger("LiteVSR")
 
@@ -50,28 +46,6 @@ def check_output_prefix(filename_prefix):
                          "inside it, without '..' or a leading '/' (e.g. LiteVSR/upscaled)")
 
 
-def scene_cuts(reader, threshold, on_frames=None):
-    """A cheap first pass over the video for hard cuts (0 disables detection); `on_frames(done, total)` after each
-    batch of frames read."""
-    if threshold <= 0:
-        return []
-    detector = SceneCutDetector(threshold)
-    cuts, done = [], 0
-    for frames in reader.chunks(64):
-        cuts += detector.cut_points(frames)
-        done += len(frames)
-        if on_frames is not None:
-            on_frames(done, reader.frame_count)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-    return cuts
-
-
-def stream_overlap(settings, num_frames, overlap_frames):
-    """The overlap the chunk plan uses: none when one chunk holds the whole video (each shot is then one chunk,
-    and a clip shorter than the overlap would otherwise leave no new frames per chunk)."""
-    return 0 if settings.chunk_frames >= num_frames else overlap_frames
-
-
 def plan_summary(sizes, overlap, chunks=None, cuts=None):
     """The settings the run uses, for the front end's status line (`litevsr.progress` "plan")."""
     stride = sizes.signature.vae_stride
@@ -89,15 +63,33 @@ def plan_summary(sizes, overlap, chunks=None, cuts=None):
 
 
 class ChunkProgress:
-    """ProgressBar per chunk, a log line with the ETA, and a `litevsr.progress` event with the ETA and the
-    settings in use (`summary()`) for the front end."""
+    """For a StreamUpscale run: ProgressBar per chunk, a log line with the ETA, and `litevsr.progress` events with
+    the ETA and the settings in use for the front end (the scene-cut pass too)."""
 
-    def __init__(self, total, node_id=None, summary=dict):
-        self.bar = comfy.utils.ProgressBar(total)
+    def __init__(self, job, node_id=None):
+        self.job, self.node_id = job, node_id
+        self.scan_eta = Eta(0)
+
+    def summary(self):
+        job = self.job
+        if job.chunks is None:
+            return plan_summary(job.sizes, job.overlap)
+        return plan_summary(job.in_use, job.overlap, len(job.chunks), job.cuts)
+
+    def scanning(self, done, total):
+        send_progress(self.node_id, "scene_cuts", done, total, self.scan_eta(done, total), self.summary())
+
+    def planned(self):
+        job, reader = self.job, self.job.reader
+        cuts = job.cuts
+        log.info("LiteVSR: %d frames at %s fps in %d chunk(s), overlap %d frames, %d scene cut(s)%s%s",
+                 reader.frame_count, float(reader.fps), len(job.chunks), job.overlap, len(cuts),
+                 f" at frames {cuts[:10]}" + ("..." if len(cuts) > 10 else "") if cuts else "",
+                 ", with audio" if reader.has_audio else ", no audio")
+        self.bar = comfy.utils.ProgressBar(len(job.chunks))
         self.started = time.monotonic()
         self.eta = Eta(0)
-        self.node_id, self.summary = node_id, summary
-        send_progress(node_id, "chunk", 0, total, None, summary())
+        send_progress(self.node_id, "chunk", 0, len(job.chunks), None, self.summary())
 
     def __call__(self, done, total):
         self.bar.update_absolute(done, total)
@@ -105,7 +97,6 @@ class ChunkProgress:
         log.info("LiteVSR: chunk %d/%d done, %.0f s elapsed, about %.0f s left", done, total,
                  time.monotonic() - self.started, eta)
         send_progress(self.node_id, "chunk", done, total, eta, self.summary())
-        comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 class MiddleFrame:
@@ -113,22 +104,17 @@ class MiddleFrame:
     before/after comparison), without holding anything else."""
 
     def __init__(self, index):
-        self.index, self.written = index, 0
+        self.index, self.written_count = index, 0
         self.before = self.after = None
 
-    def lr_chunks(self, plan, chunk_frames):
-        for chunk, frames in zip(plan, chunk_frames):
-            if self.before is None and chunk.start <= self.index < chunk.stop:
-                self.before = frames[self.index - chunk.start].clone()
-            yield frames
+    def read(self, chunk, frames):
+        if self.before is None and chunk.start <= self.index < chunk.stop:
+            self.before = frames[self.index - chunk.start].clone()
 
-    def writing(self, write):
-        def write_and_keep(frames):
-            if self.after is None and self.written <= self.index < self.written + len(frames):
-                self.after = frames[self.index - self.written].detach().to("cpu", copy=True)
-            write(frames)
-            self.written += len(frames)
-        return write_and_keep
+    def written(self, frames):
+        if self.after is None and self.written_count <= self.index < self.written_count + len(frames):
+            self.after = frames[self.index - self.written_count].detach().to("cpu", copy=True)
+        self.written_count += len(frames)
 
     def ui_entry(self):
         """The `litevsr_compare` entry, or None when a frame is missing or the temp folder cannot be written."""
@@ -193,45 +179,21 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
     def execute(cls, model, vae, video, filename_prefix, scale, seed, steps, shift, start, start_sigma,
                 chunk_frames, overlap_frames, scene_cut_threshold, dit_tile, decode_tile, colour,
                 crf) -> io.NodeOutput:
-        node_id = getattr(cls.hidden, "unique_id", None)
         check_output_prefix(filename_prefix)
-        source = source_path(video)
-        reader = VideoReader(source)
-        signature = backbone_signature(model)
-        check_vae(vae, model)
-        out_h, out_w = scale * reader.height, scale * reader.width
-        settings = plan_for_video(model, signature, reader.frame_count, out_h, out_w, chunk_frames, dit_tile,
-                                  decode_tile, overlap_frames)
-        (log.warning if settings.warnings else log.info)("%s", settings.describe())
-        overlap = stream_overlap(settings, reader.frame_count, overlap_frames)
-        scan_eta = Eta(0)
-        cuts = scene_cuts(reader, scene_cut_threshold, lambda done, total: send_progress(
-            node_id, "scene_cuts", done, total, scan_eta(done, total), plan_summary(settings, overlap)))
-        plan = chunk_plan(reader.frame_count, settings.chunk_frames, overlap, cuts)
-        log.info("LiteVSR: %d frames at %s fps in %d chunk(s), overlap %d frames, %d scene cut(s)%s%s",
-                 reader.frame_count, float(reader.fps), len(plan), overlap, len(cuts),
-                 f" at frames {cuts[:10]}" + ("..." if len(cuts) > 10 else "") if cuts else "",
-                 ", with audio" if reader.has_audio else ", no audio")
-        sigmas = flow_sigmas(steps, shift, 1.0 if start == "noise" else start_sigma)
-
-        in_use = {"sizes": settings}  # the sizes of the last chunk (an out-of-memory retry shrinks them)
-
-        def pipeline_for(sizes):
-            in_use["sizes"] = sizes
-            return VSRPipeline(lr_encoder(vae, model), dit_denoiser(model, sizes.dit_tile, dit_overlap(sizes)),
-                               hr_decoder(vae, model, sizes.decode_tile, decode_overlap(sizes)), grid_px(vae),
-                               scale, sigmas, start, seed, colour).process
-
+        options = StreamOptions(scale=scale, steps=steps, shift=shift, start=start, start_sigma=start_sigma, seed=seed,
+                                chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                scene_cut_threshold=scene_cut_threshold, dit_tile=dit_tile, decode_tile=decode_tile,
+                                colour=colour, crf=crf)
+        job = StreamUpscale(model, vae, VideoReader(source_path(video)), options)
+        (log.warning if job.sizes.warnings else log.info)("%s", job.sizes.describe())
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory(), out_w, out_h)
+            filename_prefix, folder_paths.get_output_directory(), job.out_w, job.out_h)
         file = f"{name}_{counter:05}_.mp4"
         path = os.path.join(folder, file)
-        middle = MiddleFrame(reader.frame_count // 2)
-        progress = ChunkProgress(len(plan), node_id, lambda: plan_summary(in_use["sizes"], overlap, len(plan), cuts))
-        with VideoWriter(path, reader.fps, out_w, out_h, audio_from=source if reader.has_audio else None,
-                         crf=crf) as writer:
-            upscale_chunks(plan, middle.lr_chunks(plan, reader.ranges([(chunk.start, chunk.stop) for chunk in plan])),
-                           retrying(pipeline_for, settings), middle.writing(writer.write), on_chunk=progress)
+        middle = MiddleFrame(job.reader.frame_count // 2)
+        progress = ChunkProgress(job, getattr(cls.hidden, "unique_id", None))
+        job.run(path, on_scan=progress.scanning, on_plan=progress.planned, on_chunk=progress, on_read=middle.read,
+                on_write=middle.written, check_interrupt=check_interrupt)
         shown = ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]).as_dict()
         compare = middle.ui_entry()
         if compare is not None:

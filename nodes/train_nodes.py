@@ -11,14 +11,15 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from .adapters import adapter_from_choice
 from .backbone import backbone_signature
 from .core.adapter_file import save_adapter
 from .core.dataset import VideoClipDataset
 from .core.degrade import PRESETS, degrade_clip, with_overrides
 from .core.sampling import flow_sigmas, sample_vsr
 from .core.training import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, TrainConfig
-from .extension_paths import ADAPTER_FOLDER
-from .model_nodes import adapter_choice_inputs, adapter_from_choice
+from .extension_paths import ADAPTER_FOLDER, TRAINING_OUTPUT
+from .model_nodes import adapter_choice_inputs
 from .progress import Eta, send_progress
 from .trainer import PRECISIONS, Hooks, RunSettings, train_adapter
 
@@ -26,7 +27,6 @@ DATASET = io.Custom("LITEVSR_DATASET")
 DEGRADATION = io.Custom("LITEVSR_DEGRADATION")
 ADAPTER = io.Custom("LITEVSR_ADAPTER")
 LOSS_MAP = io.Custom("LOSS_MAP")  # the type core 'Plot Loss Graph' reads: {"loss": [float, ...]}
-TRAINING_OUTPUT = "litevsr_training"  # checkpoints: output/litevsr_training/<run_name>/
 
 
 def resolve_folder(folder):

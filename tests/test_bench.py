@@ -323,7 +323,7 @@ def test_flop_count_per_step_is_exact(tiny_dit):
     import tiny_models
     from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
     from comfyui_litevsr.nodes.core.memory import dit_step_flops
-    from comfyui_litevsr.nodes.model_nodes import new_adapter
+    from comfyui_litevsr.nodes.adapters import new_adapter
 
     signature, context = backbone_signature(tiny_dit), tiny_models.zero_text_context()
     ffn = tiny_dit.model.diffusion_model.blocks[0].ffn[0].out_features

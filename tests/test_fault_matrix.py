@@ -28,11 +28,11 @@ import tiny_models
 from conftest import REPO, TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE
 from workflows import EXAMPLES, load
 
+from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.core.adapter_file import FORMAT_VERSION, read_header, save_adapter
 from comfyui_litevsr.nodes.core.checkpoint import checkpoint_paths, latest_checkpoint, load_checkpoint
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature
 from comfyui_litevsr.nodes.core.video_io import write_test_clip
-from comfyui_litevsr.nodes.model_nodes import new_adapter
 
 matrix = pytest.mark.matrix
 SCALE = 2
@@ -385,7 +385,7 @@ def test_torch_load_is_never_reached_and_never_unsafe(tmp_path, monkeypatch):
 
     from comfyui_litevsr.nodes.core import adapter_file as adapter_file_module
     from comfyui_litevsr.nodes.core.adapter_file import AdapterFileError, load_adapter
-    from comfyui_litevsr.nodes.model_nodes import adapter_from_choice
+    from comfyui_litevsr.nodes.adapters import adapter_from_choice
 
     offenders = []
     sources = sorted(REPO.glob("*.py")) + [path for folder in ("nodes", "tools", "bench", "tests")

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 import tiny_models
+from comfyui_litevsr.nodes.adapters import NEW_ADAPTER, new_adapter
 from comfyui_litevsr.nodes.backbone import UnsupportedBackbone, backbone_signature
 from comfyui_litevsr.nodes.core.adapter_file import AdapterFileError, save_adapter
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature
 from comfyui_litevsr.nodes.latents import vsr_latent
-from comfyui_litevsr.nodes.model_nodes import NEW_ADAPTER, LiteVSRAttachAdapter, new_adapter
+from comfyui_litevsr.nodes.model_nodes import LiteVSRAttachAdapter
 from comfyui_litevsr.nodes.sample_nodes import LiteVSRSampler
 
 

@@ -1,10 +1,11 @@
 """Chunked upscaling with the real (tiny) Wan DiT and VAE through ComfyUI: seamless chunk boundaries."""
 import torch
 
+from comfyui_litevsr.nodes.adapters import NEW_ADAPTER
 from comfyui_litevsr.nodes.core.sampling import flow_sigmas
 from comfyui_litevsr.nodes.core.stream import VSRPipeline, upscale_chunks
 from comfyui_litevsr.nodes.core.temporal import chunk_plan
-from comfyui_litevsr.nodes.model_nodes import LiteVSRAttachAdapter, NEW_ADAPTER
+from comfyui_litevsr.nodes.model_nodes import LiteVSRAttachAdapter
 from comfyui_litevsr.nodes.pipeline import dit_denoiser, dit_tiles, grid_px, hr_decoder, lr_encoder
 
 

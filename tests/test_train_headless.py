@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.core.adapter_file import read_adapter_config, read_header
-from comfyui_litevsr.nodes.model_nodes import new_adapter
 
 import demo as demo_tool
 from conftest import REPO

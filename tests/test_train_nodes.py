@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import folder_paths
+from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.core.adapter_file import read_adapter_config
 from comfyui_litevsr.nodes.core.degrade import degrade_clip, with_overrides
-from comfyui_litevsr.nodes.model_nodes import new_adapter
 from comfyui_litevsr.nodes.backbone import backbone_signature
 from comfyui_litevsr.nodes.train_nodes import LiteVSRDegradation, LiteVSRSaveAdapter, LiteVSRVideoDataset
 from comfyui_litevsr.nodes.trainer import train_adapter

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
 from comfyui_litevsr.nodes.core.adapter_file import load_adapter, save_adapter
 from comfyui_litevsr.nodes.core.checkpoint import checkpoint_paths, latest_checkpoint, load_checkpoint
@@ -18,7 +19,6 @@ from comfyui_litevsr.nodes.core.frames import resize_frames
 from comfyui_litevsr.nodes.core.sampling import flow_sigmas, sample_vsr
 from comfyui_litevsr.nodes.core.training import TrainConfig
 from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter
-from comfyui_litevsr.nodes.model_nodes import new_adapter
 from comfyui_litevsr.nodes.pipeline import lr_encoder
 from comfyui_litevsr.nodes.trainer import Hooks, RunSettings, train_adapter
 import demo as demo_tool
@@ -169,7 +169,7 @@ KILLED_RUN = textwrap.dedent("""
     import comfyui_litevsr.nodes.core.adapter_file as adapter_file
     from comfyui_litevsr.nodes.core.dataset import VideoClipDataset
     from comfyui_litevsr.nodes.core.training import TrainConfig
-    from comfyui_litevsr.nodes.model_nodes import new_adapter
+    from comfyui_litevsr.nodes.adapters import new_adapter
     from comfyui_litevsr.nodes.backbone import backbone_signature
     from comfyui_litevsr.nodes.trainer import Hooks, RunSettings, train_adapter
 

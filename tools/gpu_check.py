@@ -360,7 +360,7 @@ def train_step(ctx):
 
         from comfyui_litevsr.nodes.core.adapter_file import read_adapter_config
         from comfyui_litevsr.nodes.core.checkpoint import checkpoint_paths
-        from comfyui_litevsr.nodes.train_nodes import TRAINING_OUTPUT
+        from comfyui_litevsr.nodes.extension_paths import TRAINING_OUTPUT
 
         progress = []
         started = time.monotonic()

@@ -219,14 +219,10 @@ def progress_hooks(ranks, every):
 
 
 def starting_adapter(model, args):
+    from comfyui_litevsr.nodes.adapters import adapter_from_file
     from comfyui_litevsr.nodes.backbone import backbone_signature
-    from comfyui_litevsr.nodes.core.adapter_file import load_adapter
-    from comfyui_litevsr.nodes.model_nodes import new_adapter
 
-    signature = backbone_signature(model)
-    if args.init_adapter:
-        return load_adapter(args.init_adapter, signature)
-    return new_adapter(signature, args.injection, args.adapter_rank, args.seed), None
+    return adapter_from_file(backbone_signature(model), args.init_adapter, args.injection, args.adapter_rank, args.seed)
 
 
 def write_json(path, data):

@@ -7,9 +7,9 @@
     torchrun --nproc_per_node=K tools/upscale.py ... --segment-chunks N       # K processes share the video
 
 The models are loaded exactly as ComfyUI's stock "Load Diffusion Model" and "Load VAE" nodes load them, the adapter
-(a file, or a fresh zero-initialised one) is attached as "Attach State-Aware Adapter" attaches it, and the chunks
-run through the same VSRPipeline as the "Upscale Video File" node: frames are read lazily, stitched and encoded as
-soon as they are final, audio is copied, and the file appears under its final name only when complete.
+(a file, or a fresh zero-initialised one) is attached as "Attach State-Aware Adapter" attaches it, and the run is
+the "Upscale Video File" node's (nodes/streaming.py): frames are read lazily, stitched and encoded as soon as they
+are final, audio is copied, and the file appears under its final name only when complete.
 
 Under torchrun (RANK / WORLD_SIZE set) every process loads the models, rank 0 plans (memory sizes, scene cuts) and
 hands the plan to all, the ranks take contiguous chunk ranges cut on segment boundaries (`--segment-chunks`, where
@@ -184,35 +184,6 @@ def load_models(dit_path, vae_path):
     return model, vae
 
 
-def with_adapter(model, adapter_path, injection, rank):
-    import torch
-    from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature
-    from comfyui_litevsr.nodes.core.adapter_file import load_adapter
-    from comfyui_litevsr.nodes.core.geometry import TEXT_TOKENS
-    from comfyui_litevsr.nodes.model_nodes import new_adapter
-
-    signature = backbone_signature(model)
-    if adapter_path:
-        module, context = load_adapter(str(adapter_path), signature)
-    else:
-        module, context = new_adapter(signature, injection, rank), None
-    if context is None:
-        context = torch.zeros(1, TEXT_TOKENS, signature.text_dim)
-    return attach_adapter(model, module, context)
-
-
-# --- planning ---------------------------------------------------------------------------------------------------
-
-def plan_sizes(model, signature, reader, args, ranks):
-    """Chunk length and tile sizes from the memory planner (explicit sizes honoured), for a streamed output. The
-    processes on one machine share its RAM (and, on the CPU, its compute memory), so each plans with its share."""
-    from comfyui_litevsr.nodes.planner import plan_for_video
-
-    return plan_for_video(model, signature, reader.frame_count, args.scale * reader.height,
-                          args.scale * reader.width, args.chunk_frames, args.dit_tile, args.decode_tile,
-                          args.overlap_frames, processes_per_host=ranks.local_world)
-
-
 # --- the run ----------------------------------------------------------------------------------------------------
 
 class FrameDigest:
@@ -230,127 +201,93 @@ class FrameDigest:
         self.frames += len(frames)
 
 
-def chunk_progress(ranks, total_in_range):
-    started = time.monotonic()
-    state = {"done": 0}
+class ChunkLog:
+    """A console line per finished chunk, with this rank's count and an ETA, once the chunks are planned."""
 
-    def on_chunk(index, total):
-        state["done"] += 1
-        elapsed = time.monotonic() - started
-        left = elapsed / state["done"] * (total_in_range - state["done"])
-        ranks.say(f"chunk {index}/{total} done ({state['done']}/{total_in_range} of mine), {elapsed:.0f} s elapsed, "
-                  f"about {left:.0f} s left", everyone=True)
+    def __init__(self, ranks, job):
+        self.ranks, self.job = ranks, job
 
-    return on_chunk
+    def planned(self):
+        job, ranks, reader = self.job, self.ranks, self.job.reader
+        ranks.say(f"{reader.path.name}: {reader.frame_count} frames {reader.width}x{reader.height} at "
+                  f"{float(reader.fps):g} fps -> {job.out_w}x{job.out_h}; {len(job.chunks)} chunks, {len(job.cuts)} "
+                  f"scene cuts; {job.sizes.describe()}")
+        if ranks.shared:
+            ranks.say(f"chunks {job.own.start}..{job.own.stop - 1} of {len(job.chunks)}" if job.own else
+                      "no chunks (more processes than segments)", everyone=True)
+        self.started, self.done = time.monotonic(), 0
+
+    def __call__(self, index, total):
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        left = elapsed / self.done * (len(self.job.own) - self.done)
+        self.ranks.say(f"chunk {index}/{total} done ({self.done}/{len(self.job.own)} of mine), {elapsed:.0f} s "
+                       f"elapsed, about {left:.0f} s left", everyone=True)
 
 
 def run(args, ranks, frames_to=None):
     """Upscales args.input into args.output; returns rank 0's summary (None on the other ranks). `frames_to`, if
     given, also gets every batch of final frames ([n, H, W, 3] float 0..1) as written, before the lossy encode
     (tools/eval.py scores those)."""
-    import torch
-
+    from comfyui_litevsr.nodes.adapters import adapter_from_file, with_adapter
     from comfyui_litevsr.nodes.backbone import backbone_signature
-    from comfyui_litevsr.nodes.core.distributed import rank_ranges, upscale_shared
-    from comfyui_litevsr.nodes.core.sampling import flow_sigmas
-    from comfyui_litevsr.nodes.core.stream import VSRPipeline, upscale_chunks
-    from comfyui_litevsr.nodes.core.temporal import DEFAULT_CUT_THRESHOLD, chunk_plan
-    from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter
-    from comfyui_litevsr.nodes.pipeline import dit_denoiser, grid_px, hr_decoder, lr_encoder
-    from comfyui_litevsr.nodes.planner import decode_overlap, dit_overlap, retrying
-    from comfyui_litevsr.nodes.stream_nodes import scene_cuts, stream_overlap
+    from comfyui_litevsr.nodes.core.temporal import DEFAULT_CUT_THRESHOLD
+    from comfyui_litevsr.nodes.core.video_io import VideoReader
+    from comfyui_litevsr.nodes.streaming import Share, StreamOptions, StreamUpscale
 
     t0 = time.monotonic()
     source, output = Path(args.input).resolve(), Path(args.output).resolve()
     if source == output:
         raise ValueError("--output must differ from --input")
     reader = VideoReader(source)
-    threshold = DEFAULT_CUT_THRESHOLD if args.cut_threshold is None else args.cut_threshold
     exchange = exchange_folder(args, output)
 
     with tempfile.TemporaryDirectory(prefix="litevsr-stand-ins-") as scratch:
         dit_path, vae_path = build_stand_ins(scratch) if args.stand_ins else (args.dit, args.vae)
         model, vae = load_models(dit_path, vae_path)
-    model = with_adapter(model, args.adapter, args.injection, args.adapter_rank)
-    signature = backbone_signature(model)
+    model = with_adapter(model, *adapter_from_file(backbone_signature(model), args.adapter, args.injection,
+                                                   args.adapter_rank))
     load_seconds = time.monotonic() - t0
     ranks.say(f"models loaded in {load_seconds:.1f} s", everyone=ranks.shared)
 
-    # Rank 0 decides everything that could differ between processes (free memory) or costs a pass (scene cuts).
-    settings = plan_sizes(model, signature, reader, args, ranks)
-    decided = None
-    if ranks.rank == 0:
-        if ranks.shared:
-            clear_exchange(exchange)
-        decided = [settings.chunk_frames, *settings.dit_tile, settings.decode_tile,
-                   *scene_cuts(reader, threshold)]
-    chunk_frames, tile_h, tile_w, decode_tile, *cuts = broadcast_ints(decided, ranks)
-    settings = settings.with_sizes(chunk_frames=chunk_frames, dit_tile=(tile_h, tile_w), decode_tile=decode_tile)
-    overlap = stream_overlap(settings, reader.frame_count, args.overlap_frames)
-    plan = chunk_plan(reader.frame_count, settings.chunk_frames, overlap, cuts)
-    out_h, out_w = args.scale * reader.height, args.scale * reader.width
-    ranks.say(f"{source.name}: {reader.frame_count} frames {reader.width}x{reader.height} at {float(reader.fps):g} "
-              f"fps -> {out_w}x{out_h}; {len(plan)} chunks, {len(cuts)} scene cuts; {settings.describe()}")
-    if ranks.shared:
-        start, stop = rank_ranges(len(plan), args.segment_chunks, ranks.world)[ranks.rank]
-        ranks.say(f"chunks {start}..{stop - 1} of {len(plan)}" if stop > start else "no chunks (more processes "
-                  "than segments)", everyone=True)
-        own = stop - start
-    else:
-        own = len(plan)
+    options = StreamOptions(
+        scale=args.scale, steps=args.steps, shift=args.shift, start=args.start, start_sigma=args.start_sigma,
+        seed=args.seed, chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames,
+        scene_cut_threshold=DEFAULT_CUT_THRESHOLD if args.cut_threshold is None else args.cut_threshold,
+        dit_tile=args.dit_tile, decode_tile=args.decode_tile, colour=args.colour, crf=args.crf,
+        segment_chunks=args.segment_chunks)
+    share = Share(rank=ranks.rank, world=ranks.world, per_host=ranks.local_world, exchange=str(exchange),
+                  agree=lambda values: broadcast_ints(values, ranks),
+                  failed=lambda: (exchange / f"{FAILED_MARK}{ranks.rank}").touch(),
+                  is_alive=lambda: not any(exchange.glob(f"{FAILED_MARK}*")))
+    job = StreamUpscale(model, vae, reader, options, share)
+    if ranks.rank == 0 and ranks.shared:
+        clear_exchange(exchange)
+    digest = FrameDigest()
 
-    sigmas = flow_sigmas(args.steps, args.shift, 1.0 if args.start == "noise" else args.start_sigma)
+    def written(frames):
+        digest.update(frames)
+        if frames_to is not None:
+            frames_to(frames)
 
-    def pipeline_for(sizes):
-        return VSRPipeline(lr_encoder(vae, model), dit_denoiser(model, sizes.dit_tile, dit_overlap(sizes)),
-                           hr_decoder(vae, model, sizes.decode_tile, decode_overlap(sizes)), grid_px(vae),
-                           args.scale, sigmas, args.start, args.seed, args.colour).process
-
-    process = retrying(pipeline_for, settings)
-    on_chunk = chunk_progress(ranks, own)
-
-    def read_chunks(indices):
-        return reader.ranges([(plan[i].start, plan[i].stop) for i in indices])
-
-    with torch.inference_mode():
-        if ranks.rank != 0:
-            failed_mark = exchange / f"{FAILED_MARK}{ranks.rank}"
-            try:
-                upscale_shared(plan, ranks.rank, ranks.world, args.segment_chunks, read_chunks, process, None,
-                               str(exchange), on_chunk)
-            except BaseException:
-                failed_mark.touch()  # rank 0 stops waiting for chunks that will never come
-                raise
-            ranks.say(f"handed over {own} chunks in {time.monotonic() - t0:.1f} s", everyone=True)
-            return None
-
-        digest = FrameDigest()
-        audio = source if reader.has_audio else None
-        with VideoWriter(output, reader.fps, out_w, out_h, audio_from=audio, crf=args.crf) as writer:
-            def write(frames):
-                writer.write(frames)
-                digest.update(frames)
-                if frames_to is not None:
-                    frames_to(frames)
-
-            if ranks.shared:
-                upscale_shared(plan, 0, ranks.world, args.segment_chunks, read_chunks, process, write, str(exchange),
-                               on_chunk, is_alive=lambda: not any(exchange.glob(f"{FAILED_MARK}*")))
-            else:
-                upscale_chunks(plan, read_chunks(range(len(plan))), process, write, on_chunk, args.segment_chunks)
-        if ranks.shared and not args.exchange:  # every handed-over chunk was taken and deleted
-            left = list(exchange.iterdir())
-            if left:
-                ranks.say(f"warning: {exchange} still holds {[p.name for p in left]}")
-            else:
-                exchange.rmdir()
-    result = {"output": str(output), "frames": digest.frames, "width": out_w, "height": out_h,
-              "fps": f"{reader.fps}", "audio": audio is not None, "chunks": len(plan), "processes": ranks.world,
+    progress = ChunkLog(ranks, job)
+    job.run(output, on_plan=progress.planned, on_chunk=progress, on_write=written)
+    if ranks.rank != 0:
+        ranks.say(f"handed over {len(job.own)} chunks in {time.monotonic() - t0:.1f} s", everyone=True)
+        return None
+    if ranks.shared and not args.exchange:  # every handed-over chunk was taken and deleted
+        left = list(exchange.iterdir())
+        if left:
+            ranks.say(f"warning: {exchange} still holds {[p.name for p in left]}")
+        else:
+            exchange.rmdir()
+    result = {"output": str(output), "frames": digest.frames, "width": job.out_w, "height": job.out_h,
+              "fps": f"{reader.fps}", "audio": reader.has_audio, "chunks": len(job.chunks), "processes": ranks.world,
               "segment_chunks": args.segment_chunks, "seconds": round(time.monotonic() - t0, 1),
               "load_seconds": round(load_seconds, 3),
               "frames_sha256": digest.hash.hexdigest()}
-    ranks.say(f"wrote {output}: {digest.frames} frames {out_w}x{out_h} at {reader.fps} fps, audio "
-              f"{'copied' if audio else 'none'}, in {result['seconds']} s")
+    ranks.say(f"wrote {output}: {digest.frames} frames {job.out_w}x{job.out_h} at {reader.fps} fps, audio "
+              f"{'copied' if reader.has_audio else 'none'}, in {result['seconds']} s")
     ranks.say(f"frames sha256 {result['frames_sha256']}")
     return result
 
