@@ -13,7 +13,7 @@ from comfyui_litevsr.nodes.core import backbones, memory
 from comfyui_litevsr.nodes.core.backbones import Family, Recognition, Release, registered
 from comfyui_litevsr.nodes.core.dit_tiling import latent_tiling, training_tile
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature
-from comfyui_litevsr.nodes.model_nodes import new_adapter
+from comfyui_litevsr.nodes.adapters import new_adapter
 
 from conftest import REPO
 
