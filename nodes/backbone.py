@@ -131,7 +131,7 @@ def make_denoiser(model, context=None, gradient_checkpointing=False):
     number or one value per sample.
 
     Loads the DiT and the adapter onto the compute device and merges the patcher's wrappers into the call
-    options, as ComfyUI's samplers do (comfyui-integration.md §3, direct model call)."""
+    options, as ComfyUI's samplers do (comfy/samplers.py; why the sampler calls the model directly: ARCHITECTURE.md)."""
     attachment = find_attachment(model)
     if attachment is None:
         raise ValueError("This MODEL has no LiteVSR adapter: put 'Attach State-Aware Adapter' between the model "

@@ -9,7 +9,7 @@ from comfyui_litevsr.nodes.core.training import (SIGMA_MIN, TrainConfig, global_
 
 
 def test_unroll_schedule_matches_the_method_table():
-    """methods.md §1: M(t) for s = 5 at t = 0.95, 0.8, 0.5, 0.2, 0."""
+    """The LiteVSR paper's adaptive unrolling schedule: M(t) for s = 5 at t = 0.95, 0.8, 0.5, 0.2, 0."""
     t = torch.tensor([0.95, 0.8, 0.5, 0.2, 0.0])
     assert unroll_count(t, 2).tolist() == [1, 2, 2, 2, 2]
     assert unroll_count(t, 3).tolist() == [1, 2, 3, 3, 3]

@@ -214,7 +214,7 @@ def latent_state_bytes(signature: BackboneSignature, latent_frames, latent_h, la
 def decode_bytes(vae_stride, tile_latent_h, tile_latent_w, dtype_bytes, out_frames=None):
     """Device bytes to decode one spatial tile of `tile_latent_h x tile_latent_w` latents.
 
-    The Wan decoders run frame by frame with a causal cache (comfyui-integration.md §8), so the working set
+    The Wan decoders run frame by frame with a causal cache (ComfyUI's comfy/ldm/wan/vae.py), so the working set
     follows the spatial tile, not the frame count: ComfyUI's `7000 * h * w * 64 * dtype` (Wan2.1; 8000 * 256
     for Wan2.2). Independent of T when `out_frames` is None.
 

@@ -1,6 +1,6 @@
 """Training the State-Aware Adapter on a frozen backbone (pure torch; the model call comes in as a function).
 
-Objective (methods.md §1, ComfyUI's Wan flow convention, sigma = t):
+Objective (the LiteVSR paper's, in ComfyUI's Wan flow convention, sigma = t):
   z_sigma = sigma * noise + (1 - sigma) * z0           z0: HR latent, noise: N(0, 1)
   target  v = noise - z0,  prediction v_hat = (z_sigma - x0_hat) / sigma   (the model returns x0_hat)
   loss    = w(sigma) * mean (v_hat - v)^2,  w = min(sigma^-2, max_loss_weight)   (LiteVSR's sigma^-2, clamped)
