@@ -177,8 +177,8 @@ def vae_family(vae_stride):
     return found
 
 
-# The published Wan families and releases (the configs in Wan-Video's Wan2.1 and Wan2.2 repositories). Wan2.1-1.3B was trained at 480p; Wan2.1-14B and
-# Wan2.2-TI2V-5B up to 720p (TI2V-5B at 1280x704, a multiple of its 32 px grid).
+# The published Wan families and releases (the configs in Wan-Video's Wan2.1 and Wan2.2 repositories). Wan2.1-1.3B
+# was trained at 480p; Wan2.1-14B and Wan2.2-TI2V-5B up to 720p (TI2V-5B at 1280x704, a multiple of its 32 px grid).
 WAN21 = Family("wan2.1", "Wan2.1 T2V (1.3B/14B)", Recognition("WAN21", "Wan21"), latent_channels=16, vae_stride=8,
                vae_decode_per_px=7000, vae_encode_per_px=6000)
 WAN22 = Family("wan2.2", "Wan2.2 TI2V-5B", Recognition("WAN22", "Wan22"), latent_channels=48, vae_stride=16,

@@ -1,8 +1,9 @@
 """The memory plan: the largest chunk and tile sizes whose estimates fit the memory available.
 
 Users' top complaint about video-SR packs is running out of memory with no idea which settings work (the most
-reported problem in the issue trackers of the SeedVR2, FlashVSR and WanVideoWrapper packs). `plan` turns the output size, the frame count and the memory available into the three sizes
-the pipeline needs, before anything is allocated, and `Plan.describe` says what it chose:
+reported problem in the issue trackers of the SeedVR2, FlashVSR and WanVideoWrapper packs). `plan` turns the output
+size, the frame count and the memory available into the three sizes the pipeline needs, before anything is
+allocated, and `Plan.describe` says what it chose:
 
   chunk_frames  frames per temporal chunk, on the 4n+1 grid of the causal VAE (temporal.py)
   dit_tile      (height, width) of a spatial DiT tile in LATENT units, multiples of the patch (2), <= the latent
