@@ -5,8 +5,8 @@ The stage functions below work on channels-first clips `[T, 3, H, W]`.
 
 Every random parameter is drawn once per clip from one seeded numpy Generator and held over all frames
 (as RealBasicVSR's and DOVE's video degradations do): a real video has one camera, one encoder setting. Only the
-noise itself differs per frame; its torch seed is a sampled parameter too. Sampling gives a plain JSON-able dict and applying reads only that dict,
-so a logged parameter set reproduces its degradation bit for bit.
+noise itself differs per frame; its torch seed is a sampled parameter too. Sampling gives a plain JSON-able dict
+and applying reads only that dict, so a logged parameter set reproduces its degradation bit for bit.
 """
 import io
 import math
