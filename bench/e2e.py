@@ -9,16 +9,16 @@ after round until their repeats agree (harness.RepeatPolicy); a frame rate is fr
 """
 from pathlib import Path
 
-from harness import (REPO, RepeatPolicy, publish, repeat_policy, repeat_until_settled, run_worker, section,
+from bench.harness import (REPO, RepeatPolicy, publish, repeat_policy, repeat_until_settled, run_worker, section,
                      summarize_records, table, timed, verdict, worker)
-from stream import synth_clip
+from bench.stream import synth_clip
 
 
 @worker("e2e")
 def e2e_worker(config):
     import torch
 
-    import upscale as tool
+    from tools import upscale as tool
 
     ranks = tool.Ranks(environ={})
     cuda = torch.cuda.is_available()
@@ -92,7 +92,7 @@ def gpu_section(args):
     """Real weights on a GPU: absolute FPS and peak VRAM at 1080p output."""
     import torch
 
-    import demo
+    from tools import demo
 
     reason = None
     if not torch.cuda.is_available():

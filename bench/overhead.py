@@ -16,7 +16,7 @@ The headline token count is the smallest of HEADLINE_LATENTS that is compute-bou
 runs every block on twice the tokens, must cost clearly more than the bare step, and a ratio that does not is
 refused as a failed check.
 """
-from harness import (RepeatPolicy, machine_probes, measured_probes, probe_rates, publish, repeat_policy,
+from bench.harness import (RepeatPolicy, machine_probes, measured_probes, probe_rates, publish, repeat_policy,
                      repeat_until_settled, run_worker, section, summarize_records, table, timed, verdict, worker)
 
 # Real Wan geometries (the released configs): width, depth, FFN width, latent channels.
@@ -94,7 +94,7 @@ def overhead_worker(config):
 
     import comfy.model_management
     import comfy.sd
-    import tiny_models
+    from tools import tiny_models
     from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
     from comfyui_litevsr.nodes.core.adapter import trainable_parameters
     from comfyui_litevsr.nodes.core.memory import dit_step_flops, dit_tokens, host_available_bytes

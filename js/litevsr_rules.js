@@ -76,13 +76,13 @@ export const RULES = [
       null,
   },
   {
-    node: "LiteVSRTiledDecode", widgets: ["tile_size", "overlap"], python: "core/decode.py _latent_tiling",
+    node: "LiteVSRTiledDecode", widgets: ["tile_size", "overlap"], python: "core/decode.py decode_latent_tiling",
     check: ({ tile_size: t, overlap: o }) => isNum(t) && isNum(o) && t <= o ?
       `tile size (${t} px) must be larger than the overlap (${o} px); raise the tile size or lower the overlap` :
       null,
   },
   {
-    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames"], python: "core/memory.py _check_chunk",
+    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames"], python: "core/memory.py check_chunk",
     check: ({ chunk_frames: c }) => {
       if (!isNum(c) || c === 0 || isChunk(c)) return null;
       const low = Math.max(MIN_CHUNK_FRAMES, Math.floor((c - 1) / TEMPORAL_STRIDE) * TEMPORAL_STRIDE + 1);
@@ -96,7 +96,7 @@ export const RULES = [
       `overlap_frames must be a multiple of ${TEMPORAL_STRIDE}, got ${o}` : null,
   },
   {
-    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames", "overlap_frames"], python: "core/memory.py _check_chunk",
+    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames", "overlap_frames"], python: "core/memory.py check_chunk",
     check: ({ chunk_frames: c, overlap_frames: o }) => isChunk(c) && isNum(o) && o % TEMPORAL_STRIDE === 0 &&
       c - 1 - o < TEMPORAL_STRIDE ?
       `chunk_frames ${c} leaves no new frames with an overlap of ${o} (the overlap must be at most ` +

@@ -4,8 +4,8 @@ from fractions import Fraction
 import av
 import pytest
 
-import comfy_server
-import demo as demo_tool
+from tools import comfy_server
+from tools import demo as demo_tool
 from conftest import TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE
 
 SCALE = 2

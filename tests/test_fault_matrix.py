@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import comfy_server
-import demo as demo_tool
-import tiny_models
+from tools import comfy_server
+from tools import demo as demo_tool
+from tools import tiny_models
 from conftest import REPO, TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE
 from workflows import EXAMPLES, load
 

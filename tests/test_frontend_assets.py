@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import comfy_server
+from tools import comfy_server
 import workflows
 from comfyui_litevsr.nodes import progress
 from comfyui_litevsr.nodes.core import decode as core_decode
@@ -142,7 +142,7 @@ def python_stream(chunk, overlap):
         if overlap % 4:
             raise ValueError("overlap")  # memory.plan
         if chunk:
-            memory._check_chunk(chunk, 10_000, overlap)
+            memory.check_chunk(chunk, 10_000, overlap)
     return raises(check)
 
 
@@ -176,7 +176,7 @@ def test_rules_mirror_the_python_checks(tmp_path):
         expected.append(python_sampler(t, o))
     for t, o in DECODE:
         cases.append(["LiteVSRTiledDecode", {"tile_size": t, "overlap": o}, {}])
-        expected.append(raises(lambda: core_decode._latent_tiling(t, o, 8)))
+        expected.append(raises(lambda: core_decode.decode_latent_tiling(t, o, 8)))
     for c, o in STREAM:
         cases.append(["LiteVSRUpscaleVideoFile", {"chunk_frames": c, "overlap_frames": o}, {}])
         expected.append(python_stream(c, o))
@@ -217,11 +217,11 @@ def test_rule_messages_match_the_python_errors(tmp_path):
             check()
         return str(error.value)
 
-    assert out[0] == [python_error(lambda: core_decode._latent_tiling(64, 64, 8))]
+    assert out[0] == [python_error(lambda: core_decode.decode_latent_tiling(64, 64, 8))]
     assert out[1] == [python_error(lambda: dit_tiling.latent_tiling(SIGNATURE, 256, 256))]
     assert out[2] == ["chunk_frames must be 4n+1 (5, 9, ..., 33, 81) or 0 (auto), got 32; use 29 or 33"]
-    assert python_error(lambda: memory._check_chunk(32, 100, 8)).endswith("got 32; use 29 or 33")
-    assert out[3][0].startswith(python_error(lambda: memory._check_chunk(9, 100, 8)))
+    assert python_error(lambda: memory.check_chunk(32, 100, 8)).endswith("got 32; use 29 or 33")
+    assert out[3][0].startswith(python_error(lambda: memory.check_chunk(9, 100, 8)))
     assert out[4] == [python_error(lambda: VideoClipDataset(str(tmp_path), 16, (256, 256)))]
     assert out[5] == ["training crop 256x250 (Video Dataset) must be divisible by the degradation scale 4"]
     assert out[6][0].startswith("degradation overrides: stage1.blur_sigma takes a list")

@@ -7,8 +7,8 @@ from fractions import Fraction
 import av
 import pytest
 
-import comfy_server
-import demo as demo_tool
+from tools import comfy_server
+from tools import demo as demo_tool
 from conftest import REPO, TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE, make_env
 
 SCALE = 2

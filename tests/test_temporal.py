@@ -1,5 +1,5 @@
 """Chunk plans on the causal 4n+1 grid, exact overlap stitching, streaming stitcher, scene cuts on real footage."""
-import demo
+from tools import demo
 import pytest
 import torch
 

@@ -3,7 +3,7 @@ finish, and clear errors. Everything on real files: bigbuckbunny and clips writt
 from fractions import Fraction
 
 import av
-import demo
+from tools import demo
 import numpy as np
 import pytest
 import torch

@@ -8,7 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from comfy_server import REPO, comfy_dir
+from tools.comfy_server import REPO, comfy_dir
 
 PACKAGE = "comfyui_litevsr"  # the pack under a fixed name, whatever its folder is called
 

@@ -1,8 +1,8 @@
 """`make demo` and `make serve`: the example upscale workflow on a real ComfyUI, headless or for a browser.
 
-    python tools/demo.py demo  [--input F] [--output F] [--scale 4] [--steps 1] [--adapter A] [--models-dir D]
+    python -m tools.demo demo  [--input F] [--output F] [--scale 4] [--steps 1] [--adapter A] [--models-dir D]
                                [--stream]
-    python tools/demo.py serve [--port 8188] [--models-dir D]
+    python -m tools.demo serve [--port 8188] [--models-dir D]
 
 Without --models-dir (a folder holding diffusion_models/, vae/, litevsr/ like ComfyUI's models/), tiny
 random-weight Wan stand-ins are built and saved under the example's model names: the output then only
@@ -21,8 +21,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_server  # noqa: E402
+from tools import comfy_server
 
 REPO = comfy_server.REPO
 EXAMPLES = REPO / "example_workflows"
@@ -313,7 +312,7 @@ def main(argv=None):
     try:
         demo(args) if args.cmd == "demo" else serve(args)
     except Exception as e:  # one line, non-zero exit, no output file
-        print(f"{args.cmd} failed: {comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr)
+        print(f"{args.cmd} failed: {comfy_server.one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr)
         return 1
     return 0
 

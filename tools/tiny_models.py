@@ -13,7 +13,7 @@ TEXT_DIM = 4096  # fixed in ComfyUI's Wan detection
 TEXT_LEN = 512
 
 
-def _init_(module, seed, weight_std=None):
+def init_(module, seed, weight_std=None):
     """ComfyUI's ops skip weight init (tensors start as torch.empty), so every tensor is filled here."""
     gen = torch.Generator().manual_seed(seed)
     for name, tensor in module.state_dict(keep_vars=True).items():
@@ -43,7 +43,7 @@ def tiny_wan_dit_state_dict(dim=256, num_layers=2, latent_channels=16, ffn_dim=N
         model_type="t2v", patch_size=(1, 2, 2), in_dim=latent_channels, out_dim=latent_channels, dim=dim,
         ffn_dim=ffn_dim or 2 * dim, freq_dim=256, text_dim=TEXT_DIM, num_heads=dim // 128, num_layers=num_layers,
         operations=comfy.ops.disable_weight_init)
-    _init_(model, seed, weight_std=0.02)
+    init_(model, seed, weight_std=0.02)
     if head_std is not None:
         head = model.head.head.weight
         with torch.no_grad():
@@ -64,7 +64,7 @@ def tiny_wan21_vae_state_dict(dim=8, seed=0):
 
     vae = comfy.ldm.wan.vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                    temperal_downsample=[False, True, True], dropout=0.0)
-    _init_(vae, seed)
+    init_(vae, seed)
     state = {k: v.contiguous() for k, v in vae.state_dict().items()}
     for name, tensor in state.items():
         if name.endswith((".residual.6.weight", ".proj.weight")):  # last conv of a residual block; attention out
@@ -95,7 +95,7 @@ def tiny_ltxv_state_dict(seed=0):
     model = comfy.ldm.lightricks.model.LTXVModel(in_channels=128, cross_attention_dim=128, attention_head_dim=4,
                                                  num_attention_heads=32, num_layers=1,
                                                  operations=comfy.ops.disable_weight_init)
-    _init_(model, seed, weight_std=0.02)
+    init_(model, seed, weight_std=0.02)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
@@ -112,7 +112,7 @@ def tiny_wan_i2v_state_dict(dim=128, num_layers=1, seed=0):
     model = comfy.ldm.wan.model.WanModel(
         model_type="i2v", in_dim=36, out_dim=16, dim=dim, ffn_dim=2 * dim, text_dim=TEXT_DIM, num_heads=dim // 128,
         num_layers=num_layers, operations=comfy.ops.disable_weight_init)
-    _init_(model, seed, weight_std=0.02)
+    init_(model, seed, weight_std=0.02)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 

@@ -1,12 +1,12 @@
 """Train a LiteVSR State-Aware Adapter on a frozen Wan DiT from a folder of videos, in this process (no server).
 
-    python tools/train.py --data videos/ --out adapter.safetensors --steps 2000 --dit wan_dit.safetensors \
+    python -m tools.train --data videos/ --out adapter.safetensors --steps 2000 --dit wan_dit.safetensors \
         --vae wan_vae.safetensors [--validation-data held_out/] [--scale 4] [--clip-frames 5] [--crop 64x64] \
         [--preset light] [--batch-size 1] [--grad-accumulation 1] [--lr 1e-4] [--max-unrolls 3] [--seed 0] \
         [--checkpoint-every 0] [--validation-every 0] [--init-adapter start.safetensors]
-    python tools/train.py ... --resume                      # continue from the newest checkpoint
-    python tools/train.py --data videos/ --out a.safetensors --steps 20 --stand-ins   # tiny random-weight models
-    torchrun --nproc_per_node=K tools/train.py ... --batch-size B    # K data-parallel processes
+    python -m tools.train ... --resume                      # continue from the newest checkpoint
+    python -m tools.train --data videos/ --out a.safetensors --steps 20 --stand-ins   # tiny random-weight models
+    torchrun --nproc_per_node=K -m tools.train ... --batch-size B    # K data-parallel processes
 
 The run is the one the "Train State-Aware Adapter" node runs (nodes/trainer.py train_adapter): the DiT and VAE are
 loaded as ComfyUI's stock "Load Diffusion Model" and "Load VAE" nodes load them and stay frozen, HR clips from
@@ -31,10 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import comfy_server  # noqa: E402
-from upscale import Ranks, build_stand_ins, load_models, run_headless  # noqa: E402
+from tools import comfy_server
+from tools.upscale import Ranks, build_stand_ins, load_models, run_headless
 
 STAND_IN_BANNER = ("NOTE: --stand-ins: tiny RANDOM-WEIGHT Wan stand-ins instead of real models. This only "
                    "demonstrates the training loop; the adapter fits those stand-ins, not a real Wan.")

@@ -1,10 +1,10 @@
 """Upscale a video file to a video file with the pack's core, in this process (no ComfyUI server).
 
-    python tools/upscale.py --input in.mp4 --output out.mp4 --dit wan_dit.safetensors --vae wan_vae.safetensors \
+    python -m tools.upscale --input in.mp4 --output out.mp4 --dit wan_dit.safetensors --vae wan_vae.safetensors \
         [--adapter adapter.safetensors] [--scale 4] [--steps 1] [--seed 0] [--chunk-frames 0] [--overlap-frames 8] \
         [--segment-chunks 0] [--cut-threshold 0.06] [--colour lab]
-    python tools/upscale.py --input in.mp4 --output out.mp4 --stand-ins      # tiny random-weight models
-    torchrun --nproc_per_node=K tools/upscale.py ... --segment-chunks N       # K processes share the video
+    python -m tools.upscale --input in.mp4 --output out.mp4 --stand-ins      # tiny random-weight models
+    torchrun --nproc_per_node=K -m tools.upscale ... --segment-chunks N       # K processes share the video
 
 The models are loaded exactly as ComfyUI's stock "Load Diffusion Model" and "Load VAE" nodes load them, the adapter
 (a file, or a fresh zero-initialised one) is attached as "Attach State-Aware Adapter" attaches it, and the chunks
@@ -27,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_server  # noqa: E402
+from tools import comfy_server
 
 STAND_IN_BANNER = ("NOTE: --stand-ins: tiny RANDOM-WEIGHT Wan stand-ins instead of real models. The output only "
                    "demonstrates the pipeline; it is not an upscale.")
@@ -115,13 +114,13 @@ def run_headless(ranks, work):
     on stderr (`<tool> failed [on rank N]: Type: message`); the process group is destroyed either way."""
     init_distributed(ranks)
     try:
-        import comfy_env
+        from tools import comfy_env
 
         comfy_env.setup()
         work()
     except Exception as e:
         print(f"{ranks.tool} failed{f' on rank {ranks.rank}' if ranks.shared else ''}: "
-              f"{comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
+              f"{comfy_server.one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
         return 1
     finally:
         if ranks.shared:
@@ -164,7 +163,7 @@ def clear_exchange(folder):
 def build_stand_ins(folder, dit_dim=256, head_std=None):
     """Tiny random-weight Wan2.1 DiT and VAE files (deterministic: every rank builds the same ones). `head_std`: see
     tiny_models.tiny_wan_dit_state_dict (training uses dim 128 and 1/sqrt(128), so an adapter can steer it)."""
-    import tiny_models
+    from tools import tiny_models
 
     dit = tiny_models.save_tiny_wan_dit(Path(folder) / "tiny_wan21_dit.safetensors", dim=dit_dim, num_layers=2,
                                         head_std=head_std)

@@ -358,7 +358,7 @@ DEFAULT_RESERVE_BYTES = 256 * MiB  # cuBLAS/cuDNN workspaces and allocator slack
 STAGES = ("dit", "decode", "encode", "chunk")
 
 
-def _fmt(num_bytes):
+def fmt(num_bytes):
     if num_bytes >= GiB:
         return f"{num_bytes / GiB:.2f} GiB"
     return f"{num_bytes / MiB:.0f} MiB"
@@ -443,9 +443,9 @@ class Plan:
         decode = f"VAE tiles {self.decode_tile} px" if self.decode_tiled else "VAE untiled"
         line = (f"LiteVSR memory plan: {self.out_w}x{self.out_h}, {self.num_frames} frames in {chunks}"
                 f"{tag('chunk_frames')}; {dit}{tag('dit_tile')}; {decode}{tag('decode_tile')} | estimates: "
-                f"DiT {_fmt(self.dit_bytes)}, decode {_fmt(self.decode_bytes)}, encode {_fmt(self.encode_bytes)} "
-                f"of {_fmt(self.budget_bytes)} device; host {_fmt(self.host_bytes)} of "
-                f"{_fmt(self.host_budget_bytes)} RAM")
+                f"DiT {fmt(self.dit_bytes)}, decode {fmt(self.decode_bytes)}, encode {fmt(self.encode_bytes)} "
+                f"of {fmt(self.budget_bytes)} device; host {fmt(self.host_bytes)} of "
+                f"{fmt(self.host_budget_bytes)} RAM")
         if self.warnings:
             line += " | WARNING: " + "; ".join(self.warnings)
         return line
@@ -565,7 +565,7 @@ def plan(signature: BackboneSignature, out_h, out_w, num_frames, budget_bytes, h
     if want_chunk == "auto":
         chunks = chunk_candidates(num_frames, min_chunk, max_chunk_frames)
     else:
-        chunks = [_check_chunk(want_chunk, num_frames, overlap_frames)]
+        chunks = [check_chunk(want_chunk, num_frames, overlap_frames)]
     if want_tile == "auto":
         tiles = dit_tile_candidates(sig, lat_h, lat_w, multiple)
     else:
@@ -632,15 +632,15 @@ def _refuse_or_warn(smallest: Plan, auto, device_budget):
                 f"LiteVSR cannot fit {smallest.out_w}x{smallest.out_h} px x {smallest.num_frames} frames in the "
                 f"memory available: even the smallest settings (chunk {smallest.chunk_frames} frames, DiT tile "
                 f"{smallest.dit_tile[0]}x{smallest.dit_tile[1]} latents, VAE tile {smallest.decode_tile} px) need "
-                f"{_fmt(used)} for the {STAGE_LABEL[stage]}, but only {_fmt(budget)} of {where} is free"
+                f"{fmt(used)} for the {STAGE_LABEL[stage]}, but only {fmt(budget)} of {where} is free"
                 + ("" if stage == "chunk" else
-                   f" (after keeping {_fmt(smallest.options.get('reserve_bytes', 0))} for workspaces)")
+                   f" (after keeping {fmt(smallest.options.get('reserve_bytes', 0))} for workspaces)")
                 + ". To fix: "
                 f"{advice}. Nothing was allocated.")
 
 
 def _warnings(p: Plan):
-    return tuple(f"{STAGE_LABEL[stage]} estimate {_fmt(used)} exceeds the {_fmt(budget)} available with the "
+    return tuple(f"{STAGE_LABEL[stage]} estimate {fmt(used)} exceeds the {fmt(budget)} available with the "
                  f"requested sizes; set them to auto or lower them" for stage, used, budget in _over_budget(p))
 
 
@@ -648,7 +648,7 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_chunk(value, num_frames, overlap_frames):
+def check_chunk(value, num_frames, overlap_frames):
     if not _is_int(value) or value < MIN_CHUNK_FRAMES or (value - 1) % TEMPORAL_STRIDE:
         low = max(MIN_CHUNK_FRAMES, _round_down(int(value) - 1, TEMPORAL_STRIDE) + 1) if _is_int(value) else 33
         raise ValueError(f"chunk_frames must be 4n+1 (5, 9, ..., 33, 81) or 'auto', got {value!r}; "

