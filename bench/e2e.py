@@ -19,8 +19,9 @@ def e2e_worker(config):
     import torch
 
     from tools import upscale as tool
+    from tools.headless import Ranks
 
-    ranks = tool.Ranks(environ={})
+    ranks = Ranks(environ={})
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     models = ["--dit", config["dit"], "--vae", config["vae"]] if config.get("dit") else ["--stand-ins"]

@@ -40,6 +40,7 @@ import numpy as np
 
 from bench.harness import command_line
 from tools import comfy_env, comfy_server, demo
+from tools.headless import Ranks, stand_in_banner
 
 REPO = comfy_server.REPO
 
@@ -55,8 +56,8 @@ BRISQUE_RANGE = Path("/usr/share/opencv4/quality/brisque_range_live.yml")
 NIQE_MIN_SIDE = 193  # scikit-video's NIQE refuses frames of 192 px or less (two 96-px patches)
 CROP_PX, CROP_ZOOM = 128, 2  # HR pixels of the side-by-side crop, shown enlarged (nearest)
 STAND_IN_NOTE = "stand-in random weights: smoke test, not a quality figure"
-STAND_IN_BANNER = ("SMOKE TEST: no MODELS_DIR, so the LiteVSR rows use tiny RANDOM-WEIGHT Wan stand-ins. They "
-                   "exercise the harness end to end; they are not a quality figure.")
+STAND_IN_BANNER = stand_in_banner("SMOKE TEST (no MODELS_DIR), LiteVSR rows",
+                                  "the harness end to end; it is not a quality figure")
 
 
 def say(message):
@@ -286,7 +287,7 @@ def litevsr(lr_frames, fps, model_args, steps):
         args = upscale.parse_args(["--input", str(source), "--output", str(Path(scratch) / "litevsr.mp4"),
                                    "--scale", str(SCALE), "--steps", str(steps), "--seed", "0", *model_args])
         batches = []
-        result = upscale.run(args, upscale.Ranks(tool="eval"), frames_to=batches.append)
+        result = upscale.run(args, Ranks(tool="eval"), frames_to=batches.append)
     frames = to_uint8(torch.cat(batches))
     if len(frames) != len(lr_frames):
         raise RuntimeError(f"LiteVSR gave {len(frames)} frames for {len(lr_frames)}")

@@ -22,6 +22,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from tools import comfy_server
+from tools.headless import stand_in_banner
 
 REPO = comfy_server.REPO
 EXAMPLES = REPO / "example_workflows"
@@ -33,8 +34,7 @@ DIT_NAME = "wan2.1_t2v_1.3B_fp16.safetensors"
 VAE_NAME = "wan_2.1_vae.safetensors"
 SAMPLE_CLIP = "bigbuckbunny_320x180.mp4"  # the file name the examples' LoadVideo node uses
 NEW_ADAPTER = "new (zero-init)"
-STAND_IN_BANNER = ("NOTE: no real models given (MODELS_DIR): using tiny RANDOM-WEIGHT Wan stand-ins. "
-                   "The output only demonstrates the pipeline; it is not an upscale.")
+STAND_IN_BANNER = stand_in_banner("no real models given (MODELS_DIR)")
 
 
 def bigbuckbunny():
@@ -121,24 +121,11 @@ def make_clip(src, dst, frames, width, height):
 
 def build_stand_ins(models_root):
     """Tiny random-weight Wan2.1 DiT and VAE saved under the example model names in `models_root`."""
-    comfy = str(comfy_server.comfy_dir())
-    if comfy not in sys.path:
-        sys.path.insert(0, comfy)
-    import torch
-    import comfy.cli_args
+    from tools import comfy_env, tiny_models
 
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-    import tiny_models
-
-    models_root = Path(models_root)
-    dit = models_root / "diffusion_models" / DIT_NAME
-    vae = models_root / "vae" / VAE_NAME
-    dit.parent.mkdir(parents=True, exist_ok=True)
-    vae.parent.mkdir(parents=True, exist_ok=True)
-    tiny_models.save_tiny_wan_dit(dit, dim=256, num_layers=2)
-    tiny_models.save_tiny_wan21_vae(vae, dim=8)
-    return dit, vae
+    comfy_env.use_comfy()
+    return tiny_models.save_stand_ins(Path(models_root) / "diffusion_models" / DIT_NAME,
+                                      Path(models_root) / "vae" / VAE_NAME)
 
 
 def api_workflow_path(stream=False):

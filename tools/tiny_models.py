@@ -5,6 +5,7 @@ names are exactly those of the real Wan2.1/Wan2.2 files and load them through Co
 Their output is meaningless: they only demonstrate the pipeline.
 """
 import math
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -80,6 +81,15 @@ def save_tiny_wan_dit(path, **kwargs):
 def save_tiny_wan21_vae(path, **kwargs):
     save_file(tiny_wan21_vae_state_dict(**kwargs), str(path))
     return path
+
+
+def save_stand_ins(dit_path, vae_path, dit_dim=256, head_std=None):
+    """The stand-ins the tools run on without real models: a 2-block Wan2.1 DiT `dit_dim` wide and a Wan2.1 VAE 8 wide,
+    saved (their folders made). Returns both paths."""
+    for path in (dit_path, vae_path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return (save_tiny_wan_dit(dit_path, dim=dit_dim, num_layers=2, head_std=head_std),
+            save_tiny_wan21_vae(vae_path, dim=8))
 
 
 def zero_text_context():

@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 
 from tools import comfy_server
-from tools.upscale import Ranks, build_stand_ins, load_models, run_headless
+from tools.headless import (Ranks, add_model_arguments, build_stand_ins, check_model_arguments, load_models,
+                            run_headless, stand_in_banner)
 
-STAND_IN_BANNER = ("NOTE: --stand-ins: tiny RANDOM-WEIGHT Wan stand-ins instead of real models. This only "
-                   "demonstrates the training loop; the adapter fits those stand-ins, not a real Wan.")
+STAND_IN_BANNER = stand_in_banner("--stand-ins", "the training loop; the adapter fits those stand-ins, not a real Wan")
 CHECKPOINTS_SUFFIX = ".checkpoints"
 LOG_SUFFIX = ".log.json"
 STAND_IN_DIT = {"dit_dim": 128, "head_std": 128 ** -0.5}  # an output scale an adapter can steer (tiny_models)
@@ -72,9 +72,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, required=True, help="optimizer steps in all (a resumed run included)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in "
                                                           f"OUT{CHECKPOINTS_SUFFIX}/ (from scratch if none)")
-    ap.add_argument("--dit", help="Wan DiT file (as for ComfyUI's Load Diffusion Model)")
-    ap.add_argument("--vae", help="Wan VAE file (as for ComfyUI's Load VAE)")
-    ap.add_argument("--stand-ins", action="store_true", help="tiny random-weight models (training loop demonstration)")
+    add_model_arguments(ap, "training loop demonstration")
     ap.add_argument("--validation-data", help="folder of held-out videos; default: a separate random stream of "
                                               "clips from --data")
     ap.add_argument("--scale", type=int, default=4, help="LR = HR / scale: the upscale factor the adapter learns")
@@ -108,10 +106,7 @@ def parse_args(argv=None):
     ap.add_argument("--injection", default="direct", help="new adapter only: direct or shared_blocks")
     ap.add_argument("--adapter-rank", type=int, default=0, help="new adapter only: low-rank injection rank (0: full)")
     args = ap.parse_args(argv)
-    if args.stand_ins and (args.dit or args.vae):
-        ap.error("--stand-ins builds its own models: leave out --dit and --vae")
-    if not args.stand_ins and not (args.dit and args.vae):
-        ap.error("--dit and --vae are required (or --stand-ins for tiny random-weight models)")
+    check_model_arguments(ap, args)
     for option, folder in (("--data", args.data), ("--validation-data", args.validation_data)):
         if folder is not None and not Path(folder).is_dir():
             ap.error(f"{option} {folder}: no such folder")
