@@ -21,6 +21,7 @@ from comfyui_litevsr.nodes.core import dit_tiling, memory
 from comfyui_litevsr.nodes.core.dataset import VideoClipDataset, check_clip_frames
 from comfyui_litevsr.nodes.core.degrade import DegradationConfig, with_overrides
 from comfyui_litevsr.nodes.trainer import check_clip_geometry
+from helpers import format_eta
 
 JS = workflows.REPO / "js"
 SCRIPTS = ("litevsr.js", "litevsr_rules.js")
@@ -295,8 +296,8 @@ def test_eta_from_the_mean_time_per_unit():
     assert lazy(50, 100) is None
     now[0] = 130.0
     assert lazy(51, 100) == pytest.approx(490.0)
-    assert progress.format_eta(84) == "1:24" and progress.format_eta(3723) == "1:02:03"
-    assert progress.format_eta(None) == "?"
+    assert format_eta(84) == "1:24" and format_eta(3723) == "1:02:03"
+    assert format_eta(None) == "?"
 
 
 def test_progress_is_sent_only_under_a_server(monkeypatch):

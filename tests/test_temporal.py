@@ -5,7 +5,8 @@ import torch
 
 from comfyui_litevsr.nodes.core.frames import resize_frames
 from comfyui_litevsr.nodes.core.temporal import (DEFAULT_CUT_THRESHOLD, SceneCutDetector, Stitcher, blend_weights,
-                                                 chunk_plan, stitch)
+                                                 chunk_plan)
+from helpers import stitch
 from comfyui_litevsr.nodes.core.video_io import VideoReader
 
 COMBOS = [(frames, chunk, overlap) for frames in (1, 2, 7, 33, 34, 150)

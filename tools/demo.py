@@ -18,7 +18,6 @@ import shutil
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 from tools import comfy_server
@@ -65,58 +64,23 @@ def check_video(path):
 
 
 def make_clip(src, dst, frames, width, height):
-    """First `frames` frames of `src` resized to width x height (h264), with its audio (aac) trimmed to the same
-    duration. Written to a temporary name and renamed."""
-    import av
-    import numpy as np
+    """The first `frames` frames of `src` resized to width x height (yuv444p where a side is odd), with its audio
+    copied up to the same duration (to the audio frame): the pack's own reader, resize and atomic writer. ComfyUI is
+    set up in this process in CPU mode where it was not yet (it must not claim a GPU its server is to use)."""
+    from tools import comfy_env
 
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.stem}.tmp{dst.suffix}")
-    with av.open(str(src)) as inp:
-        vin = inp.streams.video[0]
-        rate = vin.average_rate or Fraction(25)
-        images = []
-        for frame in inp.decode(vin):
-            images.append(frame.reformat(width=width, height=height, format="yuv420p"))
-            if len(images) == frames:
-                break
-        audio, sample_rate, layout = None, None, None
-        if inp.streams.audio:
-            inp.seek(0)
-            ain = inp.streams.audio[0]
-            sample_rate, layout = ain.codec_context.sample_rate, ain.codec_context.layout.name
-            need = int(round(len(images) / rate * sample_rate))
-            resampler = av.AudioResampler(format="fltp", layout=layout, rate=sample_rate)
-            chunks, got = [], 0
-            for frame in inp.decode(ain):
-                for planar in resampler.resample(frame):
-                    chunks.append(planar.to_ndarray())  # (channels, samples)
-                    got += chunks[-1].shape[1]
-                if got >= need:
-                    break
-            audio = np.ascontiguousarray(np.concatenate(chunks, axis=1)[:, :need].astype(np.float32))
-    if len(images) < frames:
-        raise ValueError(f"{src} has only {len(images)} frames, {frames} wanted")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as out:
-            vout = out.add_stream("libx264", rate=rate)
-            vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
-            vout.options = {"crf": "18", "preset": "fast"}
-            aout = out.add_stream("aac", rate=sample_rate, layout=layout) if audio is not None else None
-            vout.codec_context.time_base = 1 / Fraction(rate)
-            for i, img in enumerate(images):
-                img.pts, img.time_base = i, 1 / Fraction(rate)
-                out.mux(vout.encode(img))
-            out.mux(vout.encode(None))
-            if aout is not None:
-                af = av.AudioFrame.from_ndarray(audio, format="fltp", layout=layout)
-                af.sample_rate = sample_rate
-                out.mux(aout.encode(af))
-                out.mux(aout.encode(None))
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dst
+    comfy_env.setup(cpu=True)
+    from comfyui_litevsr.nodes.core.frames import resize_frames
+    from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter
+
+    reader = VideoReader(src)
+    if reader.frame_count < frames:
+        raise ValueError(f"{src} has only {reader.frame_count} frames, {frames} wanted")
+    spans = [(start, min(start + 16, frames)) for start in range(0, frames, 16)]  # 16 decoded frames at a time
+    with VideoWriter(dst, reader.fps, width, height, audio_from=src if reader.has_audio else None) as writer:
+        for chunk in reader.ranges(spans):
+            writer.write(resize_frames(chunk, height, width))
+    return Path(dst)
 
 
 def build_stand_ins(models_root):
