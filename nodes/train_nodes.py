@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from .backbone import backbone_signature
 from .core.adapter_file import save_adapter
+from .core.checkpoint import TRAINING_OUTPUT
 from .core.dataset import VideoClipDataset
 from .core.degrade import PRESETS, degrade_clip, with_overrides
 from .core.sampling import flow_sigmas, sample_vsr
@@ -26,7 +27,6 @@ DATASET = io.Custom("LITEVSR_DATASET")
 DEGRADATION = io.Custom("LITEVSR_DEGRADATION")
 ADAPTER = io.Custom("LITEVSR_ADAPTER")
 LOSS_MAP = io.Custom("LOSS_MAP")  # the type core 'Plot Loss Graph' reads: {"loss": [float, ...]}
-TRAINING_OUTPUT = "litevsr_training"  # checkpoints: output/litevsr_training/<run_name>/
 
 
 def resolve_folder(folder):

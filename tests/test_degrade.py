@@ -301,7 +301,7 @@ def codec_inputs(hr):
         return encode(frames, codec, bitrate)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(degrade, "_encode", recording)
+        patch.setattr(degrade, "encode", recording)
         degrade.degrade_clip(hr, 4, "heavy", seed=3)
     assert {frames.shape[1:3] for frames, _, _ in calls} == {(78, 140), (18, 32)}
     return calls

@@ -353,8 +353,7 @@ def train_step(ctx):
         from safetensors import safe_open
 
         from comfyui_litevsr.nodes.core.adapter_file import read_adapter_config
-        from comfyui_litevsr.nodes.core.checkpoint import checkpoint_paths
-        from comfyui_litevsr.nodes.train_nodes import TRAINING_OUTPUT
+        from comfyui_litevsr.nodes.core.checkpoint import TRAINING_OUTPUT, checkpoint_paths
 
         progress = []
         started = time.monotonic()

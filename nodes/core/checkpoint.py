@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from .adapter_file import TEMPORARY_PREFIX, load_adapter, read_header, save_adapter, save_atomic
 
 STATE_SUFFIX = ".state.safetensors"
+TRAINING_OUTPUT = "litevsr_training"  # the Train node's checkpoints: output/litevsr_training/<run_name>/
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
 
 
