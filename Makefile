@@ -33,7 +33,7 @@
 #   make eval [MODELS_DIR=...] [CLIPS=a.mp4,videos/] [EVAL_ARGS=...]   quality at 4x: PSNR, SSIM, warping error,
 #                                  BRISQUE, NIQE of LiteVSR against bicubic, SPAN x4 and Real-ESRGAN x4plus (ncnn)
 #                                  on bicubic-downscaled real clips (default bigbuckbunny), after a sanity row that
-#                                  must reproduce bicubic 30.41 / SPAN 32.35 dB -> bench/results/eval/ (tools/eval.py);
+#                                  must reproduce bicubic 30.41 / SPAN 32.35 dB -> bench/results/eval/ (bench/eval.py);
 #                                  without MODELS_DIR the LiteVSR rows use stand-ins: a smoke test, not a quality figure
 #   make models MODELS_DIR=... [DOWNLOAD=1] [ONLY=name,...]   which supported model files (weights/models.json) are
 #                                  in MODELS_DIR, which are missing and where each goes (tools/models.py); DOWNLOAD=1
@@ -94,7 +94,7 @@ test-quick: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests $(PYTEST_FLAGS) -m "not slow"
 
 test-matrix:
-	PYTHONDONTWRITEBYTECODE=1 python3 tools/test_matrix.py $(foreach spec,$(MATRIX_COMFYUI),--comfyui "$(spec)") \
+	PYTHONDONTWRITEBYTECODE=1 python3 -m tools.test_matrix $(foreach spec,$(MATRIX_COMFYUI),--comfyui "$(spec)") \
 		$(foreach version,$(MATRIX_PARTIAL),--partial "$(version)")
 
 test-browser: env
@@ -103,16 +103,16 @@ test-browser: env
 # `exec` (demo, serve, upscale, train, eval): the tool takes the shell's place, so make, stopped by a signal, waits
 # for the tool's clean-up (server stopped, temporary files deleted); a shell in between would die at once.
 demo: env
-	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) tools/demo.py demo --input "$(INPUT)" --output "$(OUTPUT)" \
+	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) -m tools.demo demo --input "$(INPUT)" --output "$(OUTPUT)" \
 		--scale "$(SCALE)" --steps "$(STEPS)" --adapter "$(ADAPTER)" --models-dir "$(MODELS_DIR)" \
 		$(if $(filter-out 0,$(STREAM)),--stream) $(if $(SAMPLE),--sample "$(SAMPLE)")
 
 serve: env
-	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) tools/demo.py serve --port "$(PORT)" --models-dir "$(MODELS_DIR)"
+	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) -m tools.demo serve --port "$(PORT)" --models-dir "$(MODELS_DIR)"
 
 upscale: env
 	@test -n "$(INPUT)" || { echo "make upscale needs INPUT=video-file" >&2; exit 2; }
-	PYTHONDONTWRITEBYTECODE=1 exec $(TORCHRUN_LAUNCH) tools/upscale.py --input "$(INPUT)" --output "$(UPSCALE_OUTPUT)" \
+	PYTHONDONTWRITEBYTECODE=1 exec $(TORCHRUN_LAUNCH) -m tools.upscale --input "$(INPUT)" --output "$(UPSCALE_OUTPUT)" \
 		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(findstring zero-init,$(ADAPTER)),,--adapter "$(ADAPTER)") \
 		--scale "$(SCALE)" --steps "$(STEPS)" --chunk-frames "$(CHUNK_FRAMES)" --overlap-frames "$(OVERLAP_FRAMES)" \
 		--segment-chunks "$(SEGMENT_CHUNKS)" $(UPSCALE_ARGS)
@@ -120,22 +120,22 @@ upscale: env
 train: env
 	@test -n "$(DATA)" && test -n "$(OUT)" && test -n "$(TRAIN_STEPS)" || \
 		{ echo "make train needs DATA=video-folder OUT=adapter.safetensors STEPS=n" >&2; exit 2; }
-	PYTHONDONTWRITEBYTECODE=1 exec $(TORCHRUN_LAUNCH) tools/train.py --data "$(DATA)" --out "$(OUT)" --steps "$(TRAIN_STEPS)" \
+	PYTHONDONTWRITEBYTECODE=1 exec $(TORCHRUN_LAUNCH) -m tools.train --data "$(DATA)" --out "$(OUT)" --steps "$(TRAIN_STEPS)" \
 		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(filter-out 0,$(RESUME)),--resume) $(TRAIN_ARGS)
 
 bench: env
-	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) bench/run.py $(if $(filter-out 0,$(FULL)),--full) --models-dir "$(MODELS_DIR)" --readme $(BENCH_ARGS)
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m bench.run $(if $(filter-out 0,$(FULL)),--full) --models-dir "$(MODELS_DIR)" --readme $(BENCH_ARGS)
 
 # no `env` prerequisite: the script builds (only where a GPU is visible) or reuses its own ComfyUI 0.33.0 environment
 gpu-check:
 	bash tools/gpu_check.sh $(GPU_CHECK_ARGS)
 
 eval: env
-	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) tools/eval.py --models-dir "$(MODELS_DIR)" --clips "$(CLIPS)" $(EVAL_ARGS)
+	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) -m bench.eval --models-dir "$(MODELS_DIR)" --clips "$(CLIPS)" $(EVAL_ARGS)
 
 models: env
 	@test -n "$(MODELS_DIR)" || { echo "make models needs MODELS_DIR=folder (diffusion_models/, vae/, text_encoders/, litevsr/ under it)" >&2; exit 2; }
-	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) tools/models.py --models-dir "$(MODELS_DIR)" \
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m tools.models --models-dir "$(MODELS_DIR)" \
 		$(if $(filter-out 0,$(DOWNLOAD)),--download) $(if $(ONLY),--only "$(ONLY)")
 
 clean:

@@ -8,7 +8,7 @@ largest absolute difference from the untiled frames. ComfyUI's node runs
 with its defaults except the tile (the same 4x4 grid): 64-frame temporal tiles with 8 frames of overlap, so at
 FULL=1's 69 frames its temporal seam is inside the comparison.
 """
-from harness import (RepeatPolicy, peak_memory, publish, repeat_policy, repeat_until_settled, run_worker, section,
+from bench.harness import (RepeatPolicy, peak_memory, publish, repeat_policy, repeat_until_settled, run_worker, section,
                      summarize_records, table, verdict, worker)
 
 VARIANTS = ("untiled", "pack_tiled", "comfyui_tiled")
@@ -34,7 +34,7 @@ def decode_worker(config):
 
     import comfy.sd
     import nodes as comfy_nodes
-    import tiny_models
+    from tools import tiny_models
     from comfyui_litevsr.nodes.core.decode import tiled_decode
 
     vae = comfy.sd.VAE(sd=tiny_models.tiny_wan21_vae_state_dict(dim=config["vae_dim"]))

@@ -9,18 +9,19 @@ after round until their repeats agree (harness.RepeatPolicy); a frame rate is fr
 """
 from pathlib import Path
 
-from harness import (REPO, RepeatPolicy, publish, repeat_policy, repeat_until_settled, run_worker, section,
+from bench.harness import (REPO, RepeatPolicy, publish, repeat_policy, repeat_until_settled, run_worker, section,
                      summarize_records, table, timed, verdict, worker)
-from stream import synth_clip
+from bench.stream import synth_clip
 
 
 @worker("e2e")
 def e2e_worker(config):
     import torch
 
-    import upscale as tool
+    from tools import upscale as tool
+    from tools.headless import Ranks
 
-    ranks = tool.Ranks(environ={})
+    ranks = Ranks(environ={})
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     models = ["--dit", config["dit"], "--vae", config["vae"]] if config.get("dit") else ["--stand-ins"]
@@ -92,7 +93,7 @@ def gpu_section(args):
     """Real weights on a GPU: absolute FPS and peak VRAM at 1080p output."""
     import torch
 
-    import demo
+    from tools import demo
 
     reason = None
     if not torch.cuda.is_available():

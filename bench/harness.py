@@ -3,7 +3,7 @@ peak-memory probe the workers use, the repeat policy that decides when a timing 
 probes (matmul peak, memory bandwidth) a step's FLOP rate is read against.
 
 A section runs in this process and measures in child processes: either a whole tool run (`run_measured`, peak RSS
-from os.wait4) or a worker (`run_worker`): `bench/run.py --worker NAME` runs one registered worker function in a
+from os.wait4) or a worker (`run_worker`): `python -m bench.run --worker NAME` runs one registered worker function in a
 fresh interpreter, with glibc told to hand freed blocks back at once, and prints its result as one JSON line.
 """
 import ctypes
@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -39,7 +40,8 @@ def section(name):
 
 
 def worker(name):
-    """Registers `function(config dict) -> result dict`, run by `bench/run.py --worker NAME` in a fresh process."""
+    """Registers `function(config dict) -> result dict`, run by `python -m bench.run --worker NAME` in a fresh
+    process."""
     def register(function):
         WORKERS[name] = function
         return function
@@ -57,6 +59,11 @@ def git_commit():
     commit = git("rev-parse", "HEAD")
     dirty = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
+
+
+def command_line():
+    """How this run was started, as typed in the repository root: `python -m bench.run --full ...`."""
+    return shlex.join([Path(sys.executable).name, "-m", sys.modules["__main__"].__spec__.name, *sys.argv[1:]])
 
 
 def machine():
@@ -123,8 +130,7 @@ def run_measured(command, log_path, timeout=None, env=None):
 
 def run_worker(name, config, log_path, timeout=None):
     """Runs worker `name` in a fresh process; returns its result dict. Raises with the log's tail on failure."""
-    command = [sys.executable, str(REPO / "bench" / "run.py"), "--worker", name, "--worker-config",
-               json.dumps(config)]
+    command = [sys.executable, "-m", "bench.run", "--worker", name, "--worker-config", json.dumps(config)]
     code, seconds, peak = run_measured(command, log_path, timeout=timeout, env=ALLOCATOR_ENV)
     text = Path(log_path).read_text()
     lines = [line for line in text.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -138,8 +144,7 @@ def run_worker(name, config, log_path, timeout=None):
 
 def serve_worker(name, config_json):
     """The child side of run_worker: ComfyUI set up in this process, the worker run, its result printed."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import comfy_env
+    from tools import comfy_env
 
     comfy_env.setup()
     result = WORKERS[name](json.loads(config_json))

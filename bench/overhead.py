@@ -16,8 +16,8 @@ The headline token count is the smallest of HEADLINE_LATENTS that is compute-bou
 runs every block on twice the tokens, must cost clearly more than the bare step, and a ratio that does not is
 refused as a failed check.
 """
-import comfy_env
-from harness import (RepeatPolicy, machine_probes, measured_probes, probe_rates, publish, repeat_policy,
+from tools import comfy_env
+from bench.harness import (RepeatPolicy, machine_probes, measured_probes, probe_rates, publish, repeat_policy,
                      repeat_until_settled, run_worker, section, summarize_records, table, timed, verdict, worker)
 
 comfy_env.import_pack()
@@ -93,7 +93,7 @@ def overhead_worker(config):
 
     import comfy.model_management
     import comfy.sd
-    import tiny_models
+    from tools import tiny_models
     from comfyui_litevsr.nodes.adapters import new_adapter
     from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
     from comfyui_litevsr.nodes.core.adapter import trainable_parameters

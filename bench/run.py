@@ -1,6 +1,6 @@
 """`make bench`: the pack's benchmarks, one section each, all written into bench/results/latest.json.
 
-    python bench/run.py [--full] [--sections decode,...] [--out bench/results/latest.json] [--readme]
+    python -m bench.run [--full] [--sections decode,...] [--out bench/results/latest.json] [--readme]
                         [--accept-unstable] [--load N]
 
 The JSON holds the command, the git commit, the machine (CPU model, cores, RAM, torch, GPU) and the time of this
@@ -35,13 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-from harness import (CONFIRM, REPO, SECTIONS, STABLE_SPREAD, busy_load, figures_of, git_commit,  # noqa: E402
-                     machine, serve_worker)
+from bench.harness import (CONFIRM, REPO, SECTIONS, STABLE_SPREAD, busy_load, command_line, figures_of, git_commit,
+                           machine, serve_worker)
 
 for _module in ("overhead", "decode", "stream", "e2e"):  # each registers its sections and workers
-    importlib.import_module(_module)
+    importlib.import_module(f"bench.{_module}")
 
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
 README = REPO / "README.md"
@@ -336,8 +334,7 @@ def main(argv=None):
             previous = {}
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     commit = git_commit()
-    command = " ".join([Path(sys.executable).name, *sys.argv])
-    results = {"command": command, "git": commit, "machine": machine(), "timestamp": stamp,
+    results = {"command": command_line(), "git": commit, "machine": machine(), "timestamp": stamp,
                "sections": dict(previous)}
     if args.load:
         results["load"] = {"busy_processes": args.load}
@@ -350,7 +347,7 @@ def main(argv=None):
             started = time.monotonic()
             result, ok, figures = SECTIONS[name](args)
             result.update(ok=ok, headline=figures, seconds=round(time.monotonic() - started, 1), measured_at=stamp,
-                          commit=commit["commit"], command=command, machine=results["machine"],
+                          commit=commit["commit"], command=results["command"], machine=results["machine"],
                           load=args.load)
             results["sections"][name] = ran[name] = result
             write_json({**{k: v for k, v in results.items() if k != "sections"}, **headline(results),

@@ -10,7 +10,7 @@ import tempfile
 from fractions import Fraction
 from pathlib import Path
 
-from harness import CACHE, REPO, run_measured, section, table
+from bench.harness import CACHE, REPO, run_measured, section, table
 
 # --- synthetic input --------------------------------------------------------------------------------------------
 
@@ -20,7 +20,7 @@ SYNTH_VERSION = 1  # bump when the synthesis changes, so cached inputs are rebui
 def _source_frames(width, height):
     """bigbuckbunny's frames, centre-cropped to width:height and resized (uint8 RGB arrays), and its frame rate."""
     import av
-    import demo as demo_tool
+    from tools import demo as demo_tool
 
     frames = []
     with av.open(str(demo_tool.bigbuckbunny())) as container:
@@ -43,7 +43,7 @@ def _source_audio():
     """bigbuckbunny's audio as float planar samples [channels, n], its rate and layout (None if it has none)."""
     import av
     import numpy as np
-    import demo as demo_tool
+    from tools import demo as demo_tool
 
     with av.open(str(demo_tool.bigbuckbunny())) as container:
         if not container.streams.audio:
@@ -149,8 +149,8 @@ def stream_section(args):
             source_facts = video_facts(source)
             output = Path(scratch) / f"out_{count}.mp4"
             log = Path(scratch) / f"upscale_{count}.log"
-            command = [sys.executable, str(REPO / "tools" / "upscale.py"), "--input", str(source), "--output",
-                       str(output), *settings]
+            command = [sys.executable, "-m", "tools.upscale", "--input", str(source), "--output", str(output),
+                       *settings]
             print(f"[bench stream] {count} frames: {' '.join(command[1:])}", flush=True)
             code, seconds, peak = run_measured(command, log, timeout=args.timeout)
             text = log.read_text()

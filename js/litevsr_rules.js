@@ -76,7 +76,7 @@ export const RULES = [
       null,
   },
   {
-    node: "LiteVSRTiledDecode", widgets: ["tile_size", "overlap"], python: "core/decode.py _latent_tiling",
+    node: "LiteVSRTiledDecode", widgets: ["tile_size", "overlap"], python: "core/decode.py decode_latent_tiling",
     check: ({ tile_size: t, overlap: o }) => isNum(t) && isNum(o) && t <= o ?
       `tile size (${t} px) must be larger than the overlap (${o} px); raise the tile size or lower the overlap` :
       null,

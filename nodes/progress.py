@@ -34,15 +34,6 @@ class Eta:
         return max(0.0, (now - since) / (done - first) * (total - done))
 
 
-def format_eta(seconds):
-    """1:24, 1:02:03; '?' when unknown."""
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 def send_progress(node_id, stage, done, total, eta_s=None, plan=None, **extra):
     """Sends one `litevsr.progress` message to the client that queued the prompt; no-op outside a server."""
     if node_id is None:

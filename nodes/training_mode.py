@@ -54,7 +54,7 @@ def _kitchen_ops():
     return torch.ops.comfy_kitchen
 
 
-def _probe(ops, name):
+def rope_error(ops, name):
     """max |error| of fused RoPE op `name`'s outputs and input gradients against the plain formula, on a small case
     shaped like Wan's (batch, tokens, heads, head_dim) with rotation matrices built like ComfyUI's rope()."""
     generator = torch.Generator().manual_seed(0)
@@ -111,13 +111,13 @@ def ensure_differentiable_rope(tolerance=1e-5):
         if not hasattr(ops, name):
             continue  # not in this kitchen: ComfyUI cannot call it either
         try:
-            error = _probe(ops, name)
+            error = rope_error(ops, name)
         except RuntimeError as missing:
             if "autograd" not in str(missing):
                 raise _refusal(f"{name} failed: {' '.join(str(missing).split())[:200]}") from missing
             try:
                 torch.library.register_autograd(f"comfy_kitchen::{name}", backward, setup_context=_transposed)
-                error = _probe(ops, name)
+                error = rope_error(ops, name)
             except (RuntimeError, AttributeError) as failed:
                 raise _refusal(f"no backward could be given to {name}: {' '.join(str(failed).split())[:200]}") \
                     from failed

@@ -1,21 +1,17 @@
 """Shared test set-up: a real ComfyUI on sys.path (CPU), the pack imported as a package, tiny Wan stand-ins."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from tools import comfy_env, comfy_server, tiny_models
+from tools import demo as demo_tool
 
-import comfy_env  # noqa: E402
-
+REPO = comfy_server.REPO
 PACKAGE = comfy_env.PACKAGE
 COMFY = comfy_env.comfy_dir()
 comfy_env.setup()  # ComfyUI on sys.path in CPU mode where CUDA is missing, the pack as `comfyui_litevsr`
-
-import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +53,6 @@ def make_env():
 
 
 # --- a real headless ComfyUI server, started once per session (tools/comfy_server.py) ---------------------------
-import comfy_server  # noqa: E402
-import demo as demo_tool  # noqa: E402
-
 TEST_CLIP = "litevsr_test_clip.mp4"  # 9 frames of bigbuckbunny at 64x36 with its audio, in the server's input/
 TEST_CLIP_FRAMES, TEST_CLIP_SIZE = 9, (64, 36)
 

@@ -5,7 +5,7 @@ import torch
 from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
 from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter
 
-import tiny_models
+from tools import tiny_models
 
 
 def bare_denoise(model, x, sigma, context):

@@ -7,16 +7,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+from bench import harness, overhead
+from bench import run as bench
 
-import harness  # noqa: E402
-import overhead  # noqa: E402
-import run as bench  # noqa: E402
+REPO = harness.REPO
 
 LATEST = REPO / "bench" / "results" / "latest.json"
 REQUIRED = ["adapter_overhead.direct", "adapter_overhead.shared_blocks", "adapter_params_share.direct",
@@ -40,11 +37,11 @@ def _check_figures(results, keys):
 def test_latest_results_hold_every_figure_with_its_provenance():
     results = json.loads(LATEST.read_text())
     _check_figures(results, REQUIRED)
-    assert "bench/run.py" in results["command"]
+    assert re.search(r"bench[/.]run\b", results["command"])  # python bench/run.py, or python -m bench.run
     for name in ("adapter_overhead", "decode", "stream", "e2e", "gpu"):
         section = results["sections"][name]
         assert section["ok"], f"section {name} failed its own checks"
-        assert "bench/run.py" in section["command"] and section["machine"]["cpu"]
+        assert re.search(r"bench[/.]run\b", section["command"]) and section["machine"]["cpu"]
         # measured at a commit of this history, not typed in
         commit = section["commit"]
         assert re.fullmatch(r"[0-9a-f]{40}", commit), commit
@@ -103,17 +100,17 @@ def test_readme_prints_the_latest_figures():
     results = json.loads(LATEST.read_text())
     text = (REPO / "README.md").read_text()
     block = text[text.index(bench.README_BEGIN) + len(bench.README_BEGIN):text.index(bench.README_END)]
-    assert block.strip() == bench.readme_table(results).strip(), "run `python bench/run.py --sections '' --readme` (make bench does)"
+    assert block.strip() == bench.readme_table(results).strip(), "run `python -m bench.run --sections '' --readme` (make bench does)"
 
 
 def test_peak_memory_probe_measures_each_allocation():
     # In a fresh process with the allocator settings the workers get: 256 MiB allocated and filled inside the call,
     # measured twice (the second proves the high-water mark is reset and the first block was given back).
-    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import harness\n"
+    script = ("import torch; from bench import harness\n"
               "for _ in range(2):\n"
               "    _, _, peak = harness.peak_memory(lambda: torch.ones(64 << 20).sum(), torch.device('cpu'))\n"
               "    print(peak)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(REPO / "bench")], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, **harness.ALLOCATOR_ENV), timeout=120)
     assert done.returncode == 0, done.stderr
     peaks = [int(line) for line in done.stdout.split()]
@@ -124,7 +121,7 @@ def test_peak_memory_probe_measures_each_allocation():
 
 def test_harness_runs_every_section_at_small_sizes(tmp_path):
     out = tmp_path / "results" / "latest.json"
-    command = [sys.executable, str(REPO / "bench" / "run.py"), "--sections", "adapter_overhead,decode,e2e,gpu",
+    command = [sys.executable, "-m", "bench.run", "--sections", "adapter_overhead,decode,e2e,gpu",
                "--overhead-geometries", "tiny", "--overhead-latent", "1x8x8", "--decode-px", "128",
                "--decode-frames", "5", "--e2e-frames", "5", "--e2e-size", "32x32", "--e2e-steps", "1,2",
                "--repeats", "1", "--max-repeats", "1", "--accept-unstable", "--out", str(out)]
@@ -320,7 +317,7 @@ def test_flop_count_per_step_is_exact(tiny_dit):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    import tiny_models
+    from tools import tiny_models
     from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
     from comfyui_litevsr.nodes.core.memory import dit_step_flops
     from comfyui_litevsr.nodes.adapters import new_adapter
@@ -361,8 +358,8 @@ def test_closing_line_and_deliberate_load(tmp_path):
 @pytest.mark.parametrize("family, ffn", [("wan2.1", 1536), ("wan2.2", 512)])
 def test_weight_count_is_exact(family, ffn):
     # decides whether a geometry is built at all (the 5B needs ~37 GiB to load in float32): it must be exact
-    import overhead
-    import tiny_models
+    from bench import overhead
+    from tools import tiny_models
 
     state = tiny_models.tiny_wan_dit_state_dict(dim=256, num_layers=2, family=family, ffn_dim=ffn)
     assert overhead.weight_count(family, 256, 2, ffn) == sum(v.numel() for v in state.values())

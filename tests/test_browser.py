@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import browser
-import comfy_server
+from tools import comfy_server
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "example_workflows").glob("*.json"))

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import comfy_server
-import demo as demo_tool
+from tools import comfy_server
+from tools import demo as demo_tool
 import folder_paths
 import workflows
 from comfyui_litevsr.nodes.compare_nodes import UI_KEY, LiteVSRCompare

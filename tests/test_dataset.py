@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from demo import bigbuckbunny
+from tools.demo import bigbuckbunny
 from PIL import Image
 
 from comfyui_litevsr.nodes.core import dataset as dataset_module

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from demo import bigbuckbunny
+from tools.demo import bigbuckbunny
 from einops import rearrange
 
 from comfyui_litevsr.nodes.core import degrade
@@ -294,14 +294,14 @@ def codec_inputs(hr):
     """`(frames, codec, bitrate)` of every codec call in `degrade_clip(hr, 4, "heavy", seed=3)`: its 78x140 and 18x32
     libx264 encodes came out different run to run before MB-tree was turned off."""
     calls = []
-    encode = degrade._encode
+    encode = degrade.encode
 
     def recording(frames, codec, bitrate):
         calls.append((frames.copy(), codec, bitrate))
         return encode(frames, codec, bitrate)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(degrade, "_encode", recording)
+        patch.setattr(degrade, "encode", recording)
         degrade.degrade_clip(hr, 4, "heavy", seed=3)
     assert {frames.shape[1:3] for frames, _, _ in calls} == {(78, 140), (18, 32)}
     return calls
@@ -314,10 +314,10 @@ def test_codec_encodes_the_same_bytes_every_time(clip, codec_inputs, codec):
     for height, width in [(78, 140), (96, 160), (72, 128), (45, 67), (37, 53)]:
         small = degrade.resize(clip, height, width, "bicubic")
         small = degrade.jpeg(degrade.add_gaussian_noise(small, 8.0, gray=False, seed=height), 40)
-        inputs.append(degrade._pad_for_codec(degrade._to_uint8_frames(small)))
+        inputs.append(degrade.pad_for_codec(degrade.to_uint8_frames(small)))
     for frames in inputs:
-        first = degrade._encode(frames, codec, 12_777)
-        assert all(degrade._encode(frames, codec, 12_777) == first for _ in range(19)), frames.shape
+        first = degrade.encode(frames, codec, 12_777)
+        assert all(degrade.encode(frames, codec, 12_777) == first for _ in range(19)), frames.shape
 
 
 _ENCODE_IN_A_FRESH_PROCESS = """
@@ -328,7 +328,7 @@ spec = importlib.util.spec_from_file_location("degrade_alone", sys.argv[1])
 degrade = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(degrade)
 for path, codec, bitrate in zip(*[iter(sys.argv[2:])] * 3):
-    print(hashlib.sha256(degrade._encode(np.load(path), codec, int(bitrate))).hexdigest())
+    print(hashlib.sha256(degrade.encode(np.load(path), codec, int(bitrate))).hexdigest())
 """
 
 
@@ -343,7 +343,7 @@ def test_codec_output_does_not_depend_on_uninitialised_memory(codec_inputs, tmp_
         np.save(path, frames)
         for name in (codec, "mpeg4"):
             args += [str(path), name, str(bitrate)]
-            expected.append(hashlib.sha256(degrade._encode(frames, name, bitrate)).hexdigest())
+            expected.append(hashlib.sha256(degrade.encode(frames, name, bitrate)).hexdigest())
     runs = [subprocess.Popen([sys.executable, "-c", _ENCODE_IN_A_FRESH_PROCESS, degrade.__file__, *args],
                              env={**os.environ, "MALLOC_PERTURB_": str(fill)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

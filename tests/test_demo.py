@@ -6,7 +6,8 @@ from fractions import Fraction
 import av
 import pytest
 
-from conftest import REPO, demo_tool, make_env
+from conftest import REPO, make_env
+from tools import demo as demo_tool
 
 
 def make(*args, timeout):

@@ -141,9 +141,8 @@ def test_make_demo_stopped_by_a_signal_leaves_nothing(tmp_path, test_clip, signu
 
 HOLDER = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
-import comfy_server
-server = comfy_server.ComfyServer(sys.argv[2]).start()
+from tools import comfy_server
+server = comfy_server.ComfyServer(sys.argv[1]).start()
 print("server", server.proc.pid, flush=True)
 time.sleep(600)
 """
@@ -153,8 +152,8 @@ time.sleep(600)
 def test_server_dies_with_the_process_that_started_it(tmp_path):
     """SIGKILL leaves no `finally` to run: the kernel must end the server (PR_SET_PDEATHSIG)."""
     base = tmp_path.resolve()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(REPO / "tools"), str(base)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(base)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = Lines(holder)
     try:
         server_pid = lines.wait_for(r"^server (\d+)$", 150).group(1)

@@ -10,7 +10,7 @@ from comfyui_litevsr.nodes.core.dit_tiling import (aligned_spans, default_overla
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature
 from comfyui_litevsr.nodes.core.sampling import flow_sigmas, sample_vsr, seeded_noise
 
-import tiny_models
+from tools import tiny_models
 
 
 def local_denoise(x, sigma, lr_latent, estimate):

@@ -1,22 +1,13 @@
 """End to end on a real headless ComfyUI: the example upscale graph on a real clip with audio, and bad inputs."""
-from fractions import Fraction
-
 import av
 import pytest
 
-import comfy_server
-import demo as demo_tool
+from tools import comfy_server
+from tools import demo as demo_tool
 from conftest import TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE
+from helpers import probe
 
 SCALE = 2
-
-
-def probe(path):
-    with av.open(str(path)) as c:
-        v = c.streams.video[0]
-        frames = sum(1 for _ in c.decode(v))
-        return {"frames": frames, "fps": Fraction(v.average_rate), "size": (v.codec_context.width,
-                v.codec_context.height), "audio": len(c.streams.audio)}
 
 
 def test_example_upscales_clip_with_audio(comfy, test_clip):

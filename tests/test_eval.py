@@ -1,4 +1,4 @@
-"""The quality harness (tools/eval.py): the sanity row against the reference numbers, the metrics on cases with a
+"""The quality harness (bench/eval.py): the sanity row against the reference numbers, the metrics on cases with a
 known answer, the lossless LR hand-off to LiteVSR, and one end-to-end run with stand-ins in a subprocess."""
 import json
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-import demo
-import eval as eval_tool
+from tools import demo
+from bench import eval as eval_tool
 from comfyui_litevsr.nodes.core.video_io import VideoReader
 from conftest import REPO
 
@@ -109,7 +109,7 @@ def test_eval_end_to_end_with_stand_ins(tmp_path):
     # 354x210: not a multiple of 4 (centre-cropped to 352x208), still over NIQE's 192 px
     clip = demo.make_clip(demo.bigbuckbunny(), tmp_path / "small.mp4", 5, 354, 210)
     out = tmp_path / "eval"
-    command = [sys.executable, str(REPO / "tools" / "eval.py"), "--clips", str(clip), "--start", "0", "--frames",
+    command = [sys.executable, "-m", "bench.eval", "--clips", str(clip), "--start", "0", "--frames",
                "5", "--realesrgan-frames", "1", "--litevsr-frames", "5", "--steps", "1", "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=560)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
@@ -118,7 +118,7 @@ def test_eval_end_to_end_with_stand_ins(tmp_path):
 
     report = json.loads((out / "eval.json").read_text())
     assert report["stand_ins"] and report["git"]["commit"] and report["machine"]["cpu"]
-    assert "tools/eval.py" in report["command"]
+    assert "-m bench.eval" in report["command"]
     assert report["sanity"]["problems"] == []
     assert report["sanity"]["measured"]["SPAN x4"][0] == pytest.approx(32.35, abs=0.05)
     (clip_report,) = report["clips"]

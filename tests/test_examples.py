@@ -49,7 +49,7 @@ def test_templates_list_only_ui_files(comfy):
 
 
 def comfy_pack_name():
-    import comfy_server
+    from tools import comfy_server
 
     return comfy_server.PACK_NAME
 

@@ -22,17 +22,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import comfy_server
-import demo as demo_tool
-import tiny_models
+from tools import comfy_server
+from tools import demo as demo_tool
+from tools import tiny_models
 from conftest import REPO, TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE
+from helpers import probe
 from workflows import EXAMPLES, load
 
 from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.core.adapter_file import FORMAT_VERSION, read_header, save_adapter
 from comfyui_litevsr.nodes.core.checkpoint import checkpoint_paths, latest_checkpoint, load_checkpoint
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature
-from comfyui_litevsr.nodes.core.video_io import write_test_clip
 
 matrix = pytest.mark.matrix
 SCALE = 2
@@ -194,14 +194,6 @@ def server_rss(comfy):
     return psutil.Process(comfy.proc.pid).memory_info().rss
 
 
-def probe(path):
-    with av.open(str(path)) as container:
-        video = container.streams.video[0]
-        return {"frames": sum(1 for _ in container.decode(video)), "fps": Fraction(video.average_rate),
-                "size": (video.codec_context.width, video.codec_context.height),
-                "audio": len(container.streams.audio)}
-
-
 def upscaled_ok(paths, frames, size, audio=None, fps=None):
     assert len(paths) == 1 and paths[0].is_file(), paths
     info = probe(paths[0])
@@ -264,7 +256,7 @@ def inputs(comfy):
     frames = bunny_frames(12)
     for count in (1, 2):
         demo_tool.make_clip(demo_tool.bigbuckbunny(), folder / f"fm_{count}_frames.mp4", count, *TEST_CLIP_SIZE)
-    write_test_clip(demo_tool.bigbuckbunny(), folder / "fm_177x97.mp4", 5, 177, 97)  # yuv444p: 4:2:0 cannot be odd
+    demo_tool.make_clip(demo_tool.bigbuckbunny(), folder / "fm_177x97.mp4", 5, 177, 97)  # yuv444p: 4:2:0 cannot be odd
     write_video(folder / "fm_vfr.mp4", frames, VFR_PTS, Fraction(1, 1000))
     write_video(folder / "fm_no_audio.mp4", frames[:9])
     write_video(folder / "fm_two_audio.mp4", frames[:9], audio_layouts=("mono", "stereo"))

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import comfy_server
+from tools import comfy_server
 import workflows
 from comfyui_litevsr.nodes import progress
 from comfyui_litevsr.nodes.core import decode as core_decode
@@ -21,6 +21,7 @@ from comfyui_litevsr.nodes.core import dit_tiling, memory_plan
 from comfyui_litevsr.nodes.core.dataset import VideoClipDataset, check_clip_frames
 from comfyui_litevsr.nodes.core.degrade import DegradationConfig, with_overrides
 from comfyui_litevsr.nodes.trainer import check_clip_geometry
+from helpers import format_eta
 
 JS = workflows.REPO / "js"
 SCRIPTS = ("litevsr.js", "litevsr_rules.js")
@@ -176,7 +177,7 @@ def test_rules_mirror_the_python_checks(tmp_path):
         expected.append(python_sampler(t, o))
     for t, o in DECODE:
         cases.append(["LiteVSRTiledDecode", {"tile_size": t, "overlap": o}, {}])
-        expected.append(raises(lambda: core_decode._latent_tiling(t, o, 8)))
+        expected.append(raises(lambda: core_decode.decode_latent_tiling(t, o, 8)))
     for c, o in STREAM:
         cases.append(["LiteVSRUpscaleVideoFile", {"chunk_frames": c, "overlap_frames": o}, {}])
         expected.append(python_stream(c, o))
@@ -217,7 +218,7 @@ def test_rule_messages_match_the_python_errors(tmp_path):
             check()
         return str(error.value)
 
-    assert out[0] == [python_error(lambda: core_decode._latent_tiling(64, 64, 8))]
+    assert out[0] == [python_error(lambda: core_decode.decode_latent_tiling(64, 64, 8))]
     assert out[1] == [python_error(lambda: dit_tiling.latent_tiling(SIGNATURE, 256, 256))]
     assert out[2] == ["chunk_frames must be 4n+1 (5, 9, ..., 33, 81) or 0 (auto), got 32; use 29 or 33"]
     assert python_error(lambda: memory_plan.check_chunk(32, 100, 8)).endswith("got 32; use 29 or 33")
@@ -295,8 +296,8 @@ def test_eta_from_the_mean_time_per_unit():
     assert lazy(50, 100) is None
     now[0] = 130.0
     assert lazy(51, 100) == pytest.approx(490.0)
-    assert progress.format_eta(84) == "1:24" and progress.format_eta(3723) == "1:02:03"
-    assert progress.format_eta(None) == "?"
+    assert format_eta(84) == "1:24" and format_eta(3723) == "1:02:03"
+    assert format_eta(None) == "?"
 
 
 def test_progress_is_sent_only_under_a_server(monkeypatch):

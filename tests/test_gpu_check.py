@@ -39,7 +39,7 @@ def test_gpu_check_helper_skips_where_torch_has_no_cuda(tmp_path):
     environment, says why torch has no CUDA before it builds any model or starts a server."""
     work = tmp_path / "work"
     env = dict(os.environ, COMFYUI_PATH=str(COMFY), PYTHONDONTWRITEBYTECODE="1")
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--work-dir", str(work)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--work-dir", str(work)], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
     (line,) = skip_lines(r)

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import harness  # the benchmarks' peak-memory probe and allocator settings
 from comfyui_litevsr.nodes.core import memory, memory_plan, oom
 from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B, WAN21_14B, WAN22_5B
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature, frames_on_grid
@@ -38,10 +39,6 @@ from comfyui_litevsr.nodes.core.memory_plan import Plan, PlanOptions, plan
 from comfyui_litevsr.nodes.core.oom import PlanOutOfMemory, oom_stage, run_with_oom_retry
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import harness  # noqa: E402  (the benchmarks' peak-memory probe and allocator settings)
-
-COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
 SIGNATURES = [WAN21_1_3B, WAN21_14B, WAN22_5B]
 
 
@@ -129,40 +126,31 @@ def test_host_available_bytes_is_plausible():
 # --------------------------------------------------------------------------------------------------------------
 
 _MEASURE = r'''
-import importlib.util, json, sys, weakref
+import json, sys, weakref
 from types import SimpleNamespace
 
-repo, comfy_path, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-sys.path.insert(0, comfy_path)
-sys.path.insert(0, repo + "/tools")
-sys.path.insert(0, repo + "/bench")
 import torch
 
 torch.set_num_threads(2)
-import comfy.cli_args
+from tools import comfy_env
 
-comfy.cli_args.args.cpu = True
-comfy.cli_args.args.use_pytorch_cross_attention = True  # SDPA, as on GPU
-spec = importlib.util.spec_from_file_location("litevsr_measure", repo + "/__init__.py",
-                                              submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["litevsr_measure"] = pack
-spec.loader.exec_module(pack)
+comfy_env.setup(cpu=True)  # CPU mode with SDPA (as on GPU), the pack as comfyui_litevsr
 import comfy.ldm.wan.model
 import comfy.ops
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from litevsr_measure.nodes.backbone import DIFFUSION_MODEL, KEY, AdapterWrapper, BlockPatch
-from litevsr_measure.nodes.core.adapter import AdapterConfig, StateAwareAdapter
-from litevsr_measure.nodes.core.geometry import BackboneSignature
-from harness import peak_memory
-from tiny_models import _init_
+from comfyui_litevsr.nodes.backbone import DIFFUSION_MODEL, KEY, AdapterWrapper, BlockPatch
+from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter
+from comfyui_litevsr.nodes.core.geometry import BackboneSignature
+from bench.harness import peak_memory
+from tools.tiny_models import init_
 
+cfg = json.loads(sys.argv[1])
 dim, layers, ffn = cfg["dim"], cfg["layers"], cfg["ffn"]
 model = comfy.ldm.wan.model.WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=dim,
                                      ffn_dim=ffn, freq_dim=256, text_dim=4096, num_heads=dim // 128,
                                      num_layers=layers, operations=comfy.ops.disable_weight_init)
-_init_(model, 0, weight_std=0.02)
+init_(model, 0, weight_std=0.02)
 signature = BackboneSignature("wan2.1", dim=dim, num_layers=layers, num_heads=dim // 128, latent_channels=16,
                               vae_stride=8)
 wrappers = {mode: AdapterWrapper(SimpleNamespace(model=StateAwareAdapter(AdapterConfig(signature, mode=mode))),
@@ -233,8 +221,8 @@ def measured():
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs /proc/self/clear_refs (Linux >= 4.0) to reset the peak RSS")
     env = dict(os.environ, **harness.ALLOCATOR_ENV, OMP_NUM_THREADS="2", PYTHONDONTWRITEBYTECODE="1")
-    run = subprocess.run([sys.executable, "-c", _MEASURE, str(REPO), str(COMFY), json.dumps(CALIBRATION)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(CALIBRATION)], cwd=REPO, capture_output=True,
+                         text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(line for line in run.stdout.splitlines() if line.startswith("RESULTS "))
     return json.loads(line[len("RESULTS "):])

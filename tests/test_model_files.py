@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-import models as models_tool
+from tools import models as models_tool
 from comfyui_litevsr.nodes import model_files as mf
 
 PAYLOAD = bytes(range(256)) * 997 + b"tail"  # 255,236 bytes: several chunks at the test chunk size

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import tiny_models
+from tools import tiny_models
 from comfyui_litevsr.nodes.adapters import NEW_ADAPTER, new_adapter
 from comfyui_litevsr.nodes.backbone import UnsupportedBackbone, backbone_signature
 from comfyui_litevsr.nodes.core.adapter_file import AdapterFileError, save_adapter

@@ -8,7 +8,7 @@ from comfyui_litevsr.nodes.core.sampling import KnownFrames, flow_sigmas, sample
 from comfyui_litevsr.nodes.core.training import (AdapterTrainer, TrainConfig, TrainingSample, unrolled_denoise,
                                                   validation_loss)
 
-import tiny_models
+from tools import tiny_models
 
 
 def sample_heun(model, x, sigmas, callback=None):

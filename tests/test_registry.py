@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-import tiny_models
+from tools import tiny_models
 from comfyui_litevsr.nodes.backbone import UnsupportedBackbone, attach_adapter, backbone_signature, make_denoiser
 from comfyui_litevsr.nodes import model_files
 from comfyui_litevsr.nodes.core import backbones, memory

@@ -2,14 +2,13 @@
 with audio, its atomic output, and an interrupt in the middle of a run."""
 import subprocess
 import time
-from fractions import Fraction
 
-import av
 import pytest
 
-import comfy_server
-import demo as demo_tool
+from tools import comfy_server
+from tools import demo as demo_tool
 from conftest import REPO, TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE, make_env
+from helpers import probe
 
 SCALE = 2
 CHUNK, OVERLAP = 9, 4  # 29 frames -> 6 chunks; 61 frames -> 14 chunks
@@ -35,13 +34,6 @@ def stream_prompt(input_name, prefix, **inputs):
     (node,) = [n for n in prompt.values() if n["class_type"] == NODE]
     node["inputs"].update({"chunk_frames": CHUNK, "overlap_frames": OVERLAP, **inputs})
     return prompt
-
-
-def probe(path):
-    with av.open(str(path)) as c:
-        v = c.streams.video[0]
-        return {"frames": sum(1 for _ in c.decode(v)), "fps": Fraction(v.average_rate),
-                "size": (v.codec_context.width, v.codec_context.height), "audio": len(c.streams.audio)}
 
 
 def leftovers(comfy):

@@ -1,11 +1,12 @@
 """Chunk plans on the causal 4n+1 grid, exact overlap stitching, streaming stitcher, scene cuts on real footage."""
-import demo
+from tools import demo
 import pytest
 import torch
 
 from comfyui_litevsr.nodes.core.frames import resize_frames
 from comfyui_litevsr.nodes.core.temporal import (DEFAULT_CUT_THRESHOLD, SceneCutDetector, Stitcher, blend_weights,
-                                                 chunk_plan, stitch)
+                                                 chunk_plan)
+from helpers import stitch
 from comfyui_litevsr.nodes.core.video_io import VideoReader
 
 COMBOS = [(frames, chunk, overlap) for frames in (1, 2, 7, 33, 34, 150)

@@ -7,10 +7,10 @@ import av
 import numpy as np
 import pytest
 
-import demo as demo_tool
+from tools import demo as demo_tool
 from conftest import REPO
 
-UPSCALE = REPO / "tools" / "upscale.py"
+UPSCALE = ["-m", "tools.upscale"]
 FRAMES, WIDTH, HEIGHT = 41, 64, 36  # x2 -> 128 px wide: a multiple of 8 macroblocks (see nodes/core/degrade.py)
 SETTINGS = ["--stand-ins", "--scale", "2", "--steps", "1", "--seed", "3", "--chunk-frames", "9",
             "--overlap-frames", "4", "--segment-chunks", "2"]  # 9 chunks, 5 segments: ranks take 4 and 5 chunks
@@ -46,8 +46,8 @@ def decoded(path):
 
 def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, clip):
     single_out, shared_out, exchange = tmp_path / "one" / "out.mp4", tmp_path / "two" / "out.mp4", tmp_path / "xchg"
-    single = run([sys.executable, UPSCALE, "--input", clip, "--output", single_out, *SETTINGS], tmp_path / "one.log")
-    shared = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", UPSCALE,
+    single = run([sys.executable, *UPSCALE, "--input", clip, "--output", single_out, *SETTINGS], tmp_path / "one.log")
+    shared = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *UPSCALE,
                   "--input", clip, "--output", shared_out, "--exchange", exchange, *SETTINGS], tmp_path / "two.log")
     assert "rank 1/2] chunks 4..8 of 9" in (tmp_path / "two.log").read_text()  # both ranks really worked
 

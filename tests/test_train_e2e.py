@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import comfy_server
-import demo as demo_tool
+from tools import comfy_server
+from tools import demo as demo_tool
 from conftest import TEST_CLIP
 from workflows import EXAMPLES, load
 

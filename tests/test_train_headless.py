@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.core.adapter_file import read_adapter_config, read_header
 
-import demo as demo_tool
+from tools import demo as demo_tool
 from conftest import REPO
 
-TRAIN = REPO / "tools" / "train.py"
+TRAIN = ["-m", "tools.train"]
 SEED = 3
 # Small and quick: 5-frame 32x32 crops (2x2 DiT tokens), at most 2 model calls per sample.
 SETTINGS = ["--crop", "32x32", "--clip-frames", "5", "--max-unrolls", "2", "--seed", str(SEED)]
@@ -45,7 +45,7 @@ def run(command, check=True):
 
 
 def train(data, out, *extra):
-    return run([sys.executable, TRAIN, "--data", data, "--out", out, "--stand-ins", *SETTINGS, *extra]).stdout
+    return run([sys.executable, *TRAIN, "--data", data, "--out", out, "--stand-ins", *SETTINGS, *extra]).stdout
 
 
 def log_of(out):
@@ -77,7 +77,7 @@ def update_differences(trained, other, initial):
 def test_two_processes_train_what_one_process_trains(tmp_path, data):
     one, two, alone = tmp_path / "one.safetensors", tmp_path / "two.safetensors", tmp_path / "alone.safetensors"
     train(data, one, "--steps", 4, "--batch-size", 2)
-    shared = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
+    shared = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *TRAIN,
                   "--data", data, "--out", two, "--stand-ins", *SETTINGS, "--steps", 4, "--batch-size", 1]).stdout
     assert "[train rank 1/2] models loaded" in shared  # both processes worked
     assert shared.count("step 4/4  loss") == 1  # printed by rank 0 only
@@ -161,7 +161,7 @@ def test_make_train_resumes_where_a_straight_run_ends(tmp_path, data):
 
 def test_missing_data_folder_is_one_clear_line(tmp_path):
     out = tmp_path / "a.safetensors"
-    done = run([sys.executable, TRAIN, "--data", tmp_path / "missing", "--out", out, "--steps", 2, "--stand-ins"],
+    done = run([sys.executable, *TRAIN, "--data", tmp_path / "missing", "--out", out, "--steps", 2, "--stand-ins"],
                check=False)
     assert done.returncode == 2
     assert done.stdout.strip().splitlines()[-1] == f"train.py: error: --data {tmp_path / 'missing'}: no such folder"

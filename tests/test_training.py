@@ -21,8 +21,8 @@ from comfyui_litevsr.nodes.core.training import TrainConfig
 from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter
 from comfyui_litevsr.nodes.pipeline import lr_encoder
 from comfyui_litevsr.nodes.trainer import Hooks, RunSettings, train_adapter
-import demo as demo_tool
-import tiny_models
+from tools import demo as demo_tool
+from tools import tiny_models
 
 CLIP_FRAMES, CROP, SCALE = 5, (64, 64), 4
 TRAIN_DIM = 128  # the stand-in's output head at fan-in scale (tiny_models: head_std) so an adapter can steer it
@@ -162,8 +162,7 @@ def test_resume_is_exact(models, clip_folders, tmp_path):
 
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
-    sys.path.insert(0, {tools!r})
-    import comfy_env; comfy_env.setup()
+    from tools import comfy_env; comfy_env.setup()
     import comfy.sd, comfy.utils, torch
     from safetensors.torch import save
     import comfyui_litevsr.nodes.core.adapter_file as adapter_file
@@ -209,7 +208,7 @@ def test_killed_checkpoint_write_leaves_the_previous_checkpoint(models, clip_fol
                                         head_std=TRAIN_DIM ** -0.5)
     vae = tiny_models.save_tiny_wan21_vae(model_dir / "vae.safetensors", dim=8)
     folder = tmp_path / "run"
-    script = KILLED_RUN.format(tools=str(REPO / "tools"), kill_at=kill_at, dit=str(dit), vae=str(vae),
+    script = KILLED_RUN.format(kill_at=kill_at, dit=str(dit), vae=str(vae),
                                data=str(clip_folders[0]), folder=str(folder))
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stdout[-2000:] + done.stderr[-2000:]  # really killed, mid-write

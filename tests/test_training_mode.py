@@ -92,7 +92,7 @@ def test_fused_rope_trains_exactly_like_the_plain_formula():
 def test_unfixable_fused_rope_is_refused_with_one_line_naming_the_version(monkeypatch):
     if "comfy_kitchen" not in __import__("sys").modules:
         pytest.skip("this ComfyUI has no comfy-kitchen (0.3.x): nothing to refuse")
-    monkeypatch.setattr(training_mode, "_probe", lambda ops, name: 0.5)  # a kitchen whose op is not plain RoPE
+    monkeypatch.setattr(training_mode, "rope_error", lambda ops, name: 0.5)  # a kitchen whose op is not plain RoPE
     with pytest.raises(training_mode.TrainingUnsupported) as refused:
         training_mode.ensure_differentiable_rope()
     message = str(refused.value)

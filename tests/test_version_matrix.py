@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import comfy_env
-import test_matrix
+from tools import comfy_env
+from tools import test_matrix
 from conftest import REPO
 
 

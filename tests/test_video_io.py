@@ -3,12 +3,12 @@ finish, and clear errors. Everything on real files: bigbuckbunny and clips writt
 from fractions import Fraction
 
 import av
-import demo
+from tools import demo
 import numpy as np
 import pytest
 import torch
 
-from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter, write_test_clip
+from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter
 
 CLIP_FRAMES, CLIP_WIDTH, CLIP_HEIGHT = 20, 177, 97  # odd on purpose: yuv420p cannot hold it
 
@@ -24,7 +24,7 @@ def bunny():
 
 @pytest.fixture(scope="module")
 def clip(bunny, tmp_path_factory):
-    return write_test_clip(bunny, tmp_path_factory.mktemp("clip") / "clip.mp4", CLIP_FRAMES, CLIP_WIDTH, CLIP_HEIGHT)
+    return demo.make_clip(bunny, tmp_path_factory.mktemp("clip") / "clip.mp4", CLIP_FRAMES, CLIP_WIDTH, CLIP_HEIGHT)
 
 
 def pyav_frames(path):

@@ -8,14 +8,21 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from comfy_server import REPO, comfy_dir
+from tools.comfy_server import REPO, comfy_dir
 
 PACKAGE = "comfyui_litevsr"  # the pack under a fixed name, whatever its folder is called
 
 
 def setup(cpu=None):
-    """Puts ComfyUI (`$COMFYUI_PATH`, else the repo's `.comfyui` link) on sys.path, selects CPU mode when CUDA is
-    unavailable (or `cpu=True`), and imports the pack. Returns the pack's module. Idempotent."""
+    """ComfyUI as `use_comfy` leaves it, and the pack imported. Returns the pack's module. Idempotent."""
+    use_comfy(cpu)
+    return import_pack()
+
+
+def use_comfy(cpu=None):
+    """Puts ComfyUI (`$COMFYUI_PATH`, else the repo's `.comfyui` link) on sys.path and selects CPU mode when CUDA is
+    unavailable (or `cpu=True`). Idempotent. The one sys.path entry the tools make: ComfyUI's source tree is no
+    package (its modules are top-level: `comfy`, `nodes`, `folder_paths`, ...)."""
     comfy = str(comfy_dir())
     if not Path(comfy, "comfy").is_dir():
         raise FileNotFoundError(f"no ComfyUI source tree at {comfy}: run `make env` or set COMFYUI_PATH")
@@ -28,7 +35,6 @@ def setup(cpu=None):
     if "comfy.model_management" not in sys.modules and (cpu if cpu is not None else not torch.cuda.is_available()):
         comfy.cli_args.args.cpu = True  # ComfyUI would otherwise probe CUDA with this CUDA build of torch
         comfy.cli_args.args.use_pytorch_cross_attention = True  # SDPA; ComfyUI's CPU default is far slower
-    return import_pack()
 
 
 def import_pack():

@@ -5,7 +5,7 @@ Used by the server tests (one server per session), `make demo` (run one prompt, 
 A server never outlives the process that started it (stop(), and the kernel where that process is killed), and
 `exit_on_signals()`, which every tool calls first, makes SIGTERM and SIGHUP clean up as Ctrl-C does.
 
-    python tools/comfy_server.py --base-directory DIR [--port N] [--prompt graph_api.json]
+    python -m tools.comfy_server --base-directory DIR [--port N] [--prompt graph_api.json]
 """
 import argparse
 import json
@@ -85,7 +85,7 @@ def _use_cpu():
     return not torch.cuda.is_available()
 
 
-def _one_line(text, limit=400):
+def one_line(text, limit=400):
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -191,7 +191,7 @@ class ComfyServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ComfyError(f"ComfyUI exited at start-up (code {self.proc.returncode}); "
-                                 f"log: {self.log_path}: {_one_line(self.log_tail(3))}")
+                                 f"log: {self.log_path}: {one_line(self.log_tail(3))}")
             try:
                 self.get("/system_stats", timeout=2)
                 return
@@ -249,7 +249,7 @@ class ComfyServer:
             try:
                 raise ComfyError(format_rejection(json.loads(body))) from None
             except json.JSONDecodeError:
-                raise ComfyError(_one_line(f"prompt rejected (HTTP {e.code}): {body}")) from None
+                raise ComfyError(one_line(f"prompt rejected (HTTP {e.code}): {body}")) from None
 
     def run_prompt(self, prompt, timeout=600, on_progress=None):
         """Queue an API-format graph, wait for it, return the absolute paths of the files its output nodes saved.
@@ -294,7 +294,7 @@ class ComfyServer:
                         self.node_seconds[current] = self.node_seconds.get(current, 0.0) + time.monotonic() - since
                     break
                 if kind == "execution_error":
-                    raise ComfyError(_one_line(
+                    raise ComfyError(one_line(
                         f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
                         f"{data.get('exception_type', 'Error')}: {data.get('exception_message', '').strip()}"))
                 if kind == "execution_interrupted":
@@ -334,7 +334,7 @@ def format_rejection(body):
     if not parts:
         err = body.get("error") or {}
         parts.append(f"{err.get('message', 'prompt rejected')}: {err.get('details', '')}")
-    return _one_line("prompt rejected: " + "; ".join(parts))
+    return one_line("prompt rejected: " + "; ".join(parts))
 
 
 def main(argv=None):

@@ -1,8 +1,8 @@
 """`make demo` and `make serve`: the example upscale workflow on a real ComfyUI, headless or for a browser.
 
-    python tools/demo.py demo  [--input F] [--output F] [--scale 4] [--steps 1] [--adapter A] [--models-dir D]
+    python -m tools.demo demo  [--input F] [--output F] [--scale 4] [--steps 1] [--adapter A] [--models-dir D]
                                [--stream]
-    python tools/demo.py serve [--port 8188] [--models-dir D]
+    python -m tools.demo serve [--port 8188] [--models-dir D]
 
 Without --models-dir (a folder holding diffusion_models/, vae/, litevsr/ like ComfyUI's models/), tiny
 random-weight Wan stand-ins are built and saved under the example's model names: the output then only
@@ -18,11 +18,10 @@ import shutil
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_server  # noqa: E402
+from tools import comfy_server
+from tools.headless import stand_in_banner
 
 REPO = comfy_server.REPO
 EXAMPLES = REPO / "example_workflows"
@@ -35,8 +34,7 @@ VAE_NAME = "wan_2.1_vae.safetensors"
 SAMPLE_CLIP = "bigbuckbunny_320x180.mp4"  # the file name the examples' LoadVideo node uses
 SAMPLE_SHAPE = "33x320x180"  # frames x width x height of the default input cut from bigbuckbunny
 NEW_ADAPTER = "new (zero-init)"
-STAND_IN_BANNER = ("NOTE: no real models given (MODELS_DIR): using tiny RANDOM-WEIGHT Wan stand-ins. "
-                   "The output only demonstrates the pipeline; it is not an upscale.")
+STAND_IN_BANNER = stand_in_banner("no real models given (MODELS_DIR)")
 
 
 def bigbuckbunny():
@@ -67,80 +65,32 @@ def check_video(path):
 
 
 def make_clip(src, dst, frames, width, height):
-    """First `frames` frames of `src` resized to width x height (h264), with its audio (aac) trimmed to the same
-    duration. Written to a temporary name and renamed."""
-    import av
-    import numpy as np
+    """The first `frames` frames of `src` resized to width x height (yuv444p where a side is odd), with its audio
+    copied up to the same duration (to the audio frame): the pack's own reader, resize and atomic writer. ComfyUI is
+    set up in this process in CPU mode where it was not yet (it must not claim a GPU its server is to use)."""
+    from tools import comfy_env
 
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.stem}.tmp{dst.suffix}")
-    with av.open(str(src)) as inp:
-        vin = inp.streams.video[0]
-        rate = vin.average_rate or Fraction(25)
-        images = []
-        for frame in inp.decode(vin):
-            images.append(frame.reformat(width=width, height=height, format="yuv420p"))
-            if len(images) == frames:
-                break
-        audio, sample_rate, layout = None, None, None
-        if inp.streams.audio:
-            inp.seek(0)
-            ain = inp.streams.audio[0]
-            sample_rate, layout = ain.codec_context.sample_rate, ain.codec_context.layout.name
-            need = int(round(len(images) / rate * sample_rate))
-            resampler = av.AudioResampler(format="fltp", layout=layout, rate=sample_rate)
-            chunks, got = [], 0
-            for frame in inp.decode(ain):
-                for planar in resampler.resample(frame):
-                    chunks.append(planar.to_ndarray())  # (channels, samples)
-                    got += chunks[-1].shape[1]
-                if got >= need:
-                    break
-            audio = np.ascontiguousarray(np.concatenate(chunks, axis=1)[:, :need].astype(np.float32))
-    if len(images) < frames:
-        raise ValueError(f"{src} has only {len(images)} frames, {frames} wanted")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as out:
-            vout = out.add_stream("libx264", rate=rate)
-            vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
-            vout.options = {"crf": "18", "preset": "fast"}
-            aout = out.add_stream("aac", rate=sample_rate, layout=layout) if audio is not None else None
-            vout.codec_context.time_base = 1 / Fraction(rate)
-            for i, img in enumerate(images):
-                img.pts, img.time_base = i, 1 / Fraction(rate)
-                out.mux(vout.encode(img))
-            out.mux(vout.encode(None))
-            if aout is not None:
-                af = av.AudioFrame.from_ndarray(audio, format="fltp", layout=layout)
-                af.sample_rate = sample_rate
-                out.mux(aout.encode(af))
-                out.mux(aout.encode(None))
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dst
+    comfy_env.setup(cpu=True)
+    from comfyui_litevsr.nodes.core.frames import resize_frames
+    from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter
+
+    reader = VideoReader(src)
+    if reader.frame_count < frames:
+        raise ValueError(f"{src} has only {reader.frame_count} frames, {frames} wanted")
+    spans = [(start, min(start + 16, frames)) for start in range(0, frames, 16)]  # 16 decoded frames at a time
+    with VideoWriter(dst, reader.fps, width, height, audio_from=src if reader.has_audio else None) as writer:
+        for chunk in reader.ranges(spans):
+            writer.write(resize_frames(chunk, height, width))
+    return Path(dst)
 
 
 def build_stand_ins(models_root):
     """Tiny random-weight Wan2.1 DiT and VAE saved under the example model names in `models_root`."""
-    comfy = str(comfy_server.comfy_dir())
-    if comfy not in sys.path:
-        sys.path.insert(0, comfy)
-    import torch
-    import comfy.cli_args
+    from tools import comfy_env, tiny_models
 
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-    import tiny_models
-
-    models_root = Path(models_root)
-    dit = models_root / "diffusion_models" / DIT_NAME
-    vae = models_root / "vae" / VAE_NAME
-    dit.parent.mkdir(parents=True, exist_ok=True)
-    vae.parent.mkdir(parents=True, exist_ok=True)
-    tiny_models.save_tiny_wan_dit(dit, dim=256, num_layers=2)
-    tiny_models.save_tiny_wan21_vae(vae, dim=8)
-    return dit, vae
+    comfy_env.use_comfy()
+    return tiny_models.save_stand_ins(Path(models_root) / "diffusion_models" / DIT_NAME,
+                                      Path(models_root) / "vae" / VAE_NAME)
 
 
 def api_workflow_path(stream=False):
@@ -324,7 +274,7 @@ def main(argv=None):
     try:
         demo(args) if args.cmd == "demo" else serve(args)
     except Exception as e:  # one line, non-zero exit, no output file
-        print(f"{args.cmd} failed: {comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr)
+        print(f"{args.cmd} failed: {comfy_server.one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr)
         return 1
     return 0
 

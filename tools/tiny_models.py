@@ -5,19 +5,21 @@ names are exactly those of the real Wan2.1/Wan2.2 files and load them through Co
 Their output is meaningless: they only demonstrate the pipeline.
 """
 import math
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-import comfy_env
+from tools import comfy_env
 
 comfy_env.import_pack()
 from comfyui_litevsr.nodes.core import backbones  # noqa: E402
 from comfyui_litevsr.nodes.core.geometry import TEXT_DIM  # noqa: E402
+
 TEXT_LEN = 512
 
 
-def _init_(module, seed, weight_std=None):
+def init_(module, seed, weight_std=None):
     """ComfyUI's ops skip weight init (tensors start as torch.empty), so every tensor is filled here."""
     gen = torch.Generator().manual_seed(seed)
     for name, tensor in module.state_dict(keep_vars=True).items():
@@ -49,7 +51,7 @@ def tiny_wan_dit_state_dict(dim=256, num_layers=2, family="wan2.1", ffn_dim=None
         model_type=entry.recognition.model_type, patch_size=entry.patch, in_dim=entry.latent_channels,
         out_dim=entry.latent_channels, dim=dim, ffn_dim=ffn_dim or 2 * dim, freq_dim=backbones.FREQ_DIM,
         text_dim=TEXT_DIM, num_heads=dim // 128, num_layers=num_layers, operations=comfy.ops.disable_weight_init)
-    _init_(model, seed, weight_std=0.02)
+    init_(model, seed, weight_std=0.02)
     if head_std is not None:
         head = model.head.head.weight
         with torch.no_grad():
@@ -70,7 +72,7 @@ def tiny_wan21_vae_state_dict(dim=8, seed=0):
 
     vae = comfy.ldm.wan.vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                    temperal_downsample=[False, True, True], dropout=0.0)
-    _init_(vae, seed)
+    init_(vae, seed)
     state = {k: v.contiguous() for k, v in vae.state_dict().items()}
     for name, tensor in state.items():
         if name.endswith((".residual.6.weight", ".proj.weight")):  # last conv of a residual block; attention out
@@ -88,6 +90,15 @@ def save_tiny_wan21_vae(path, **kwargs):
     return path
 
 
+def save_stand_ins(dit_path, vae_path, dit_dim=256, head_std=None):
+    """The stand-ins the tools run on without real models: a 2-block Wan2.1 DiT `dit_dim` wide and a Wan2.1 VAE 8 wide,
+    saved (their folders made). Returns both paths."""
+    for path in (dit_path, vae_path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return (save_tiny_wan_dit(dit_path, dim=dit_dim, num_layers=2, head_std=head_std),
+            save_tiny_wan21_vae(vae_path, dim=8))
+
+
 def zero_text_context():
     """What an umt5 encoder returns with every padding token zeroed, for an empty prompt: no tiny umt5 exists."""
     return torch.zeros(1, TEXT_LEN, TEXT_DIM)
@@ -101,7 +112,7 @@ def tiny_ltxv_state_dict(seed=0):
     model = comfy.ldm.lightricks.model.LTXVModel(in_channels=128, cross_attention_dim=128, attention_head_dim=4,
                                                  num_attention_heads=32, num_layers=1,
                                                  operations=comfy.ops.disable_weight_init)
-    _init_(model, seed, weight_std=0.02)
+    init_(model, seed, weight_std=0.02)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
@@ -118,7 +129,7 @@ def tiny_wan_i2v_state_dict(dim=128, num_layers=1, seed=0):
     model = comfy.ldm.wan.model.WanModel(
         model_type="i2v", in_dim=36, out_dim=16, dim=dim, ffn_dim=2 * dim, text_dim=TEXT_DIM, num_heads=dim // 128,
         num_layers=num_layers, operations=comfy.ops.disable_weight_init)
-    _init_(model, seed, weight_std=0.02)
+    init_(model, seed, weight_std=0.02)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 

@@ -1,12 +1,12 @@
 """Train a LiteVSR State-Aware Adapter on a frozen Wan DiT from a folder of videos, in this process (no server).
 
-    python tools/train.py --data videos/ --out adapter.safetensors --steps 2000 --dit wan_dit.safetensors \
+    python -m tools.train --data videos/ --out adapter.safetensors --steps 2000 --dit wan_dit.safetensors \
         --vae wan_vae.safetensors [--validation-data held_out/] [--scale 4] [--clip-frames 5] [--crop 64x64] \
         [--preset light] [--batch-size 1] [--grad-accumulation 1] [--lr 1e-4] [--max-unrolls 3] [--seed 0] \
         [--checkpoint-every 0] [--validation-every 0] [--init-adapter start.safetensors]
-    python tools/train.py ... --resume                      # continue from the newest checkpoint
-    python tools/train.py --data videos/ --out a.safetensors --steps 20 --stand-ins   # tiny random-weight models
-    torchrun --nproc_per_node=K tools/train.py ... --batch-size B    # K data-parallel processes
+    python -m tools.train ... --resume                      # continue from the newest checkpoint
+    python -m tools.train --data videos/ --out a.safetensors --steps 20 --stand-ins   # tiny random-weight models
+    torchrun --nproc_per_node=K -m tools.train ... --batch-size B    # K data-parallel processes
 
 The run is the one the "Train State-Aware Adapter" node runs (nodes/trainer.py train_adapter): the DiT and VAE are
 loaded as ComfyUI's stock "Load Diffusion Model" and "Load VAE" nodes load them and stay frozen, HR clips from
@@ -31,13 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tools import comfy_server
+from tools.headless import (Ranks, add_model_arguments, build_stand_ins, check_model_arguments, load_models,
+                            run_headless, stand_in_banner)
 
-import comfy_server  # noqa: E402
-from upscale import Ranks, build_stand_ins, load_models, run_headless  # noqa: E402
-
-STAND_IN_BANNER = ("NOTE: --stand-ins: tiny RANDOM-WEIGHT Wan stand-ins instead of real models. This only "
-                   "demonstrates the training loop; the adapter fits those stand-ins, not a real Wan.")
+STAND_IN_BANNER = stand_in_banner("--stand-ins", "the training loop; the adapter fits those stand-ins, not a real Wan")
 CHECKPOINTS_SUFFIX = ".checkpoints"
 LOG_SUFFIX = ".log.json"
 STAND_IN_DIT = {"dit_dim": 128, "head_std": 128 ** -0.5}  # an output scale an adapter can steer (tiny_models)
@@ -74,9 +72,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, required=True, help="optimizer steps in all (a resumed run included)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in "
                                                           f"OUT{CHECKPOINTS_SUFFIX}/ (from scratch if none)")
-    ap.add_argument("--dit", help="Wan DiT file (as for ComfyUI's Load Diffusion Model)")
-    ap.add_argument("--vae", help="Wan VAE file (as for ComfyUI's Load VAE)")
-    ap.add_argument("--stand-ins", action="store_true", help="tiny random-weight models (training loop demonstration)")
+    add_model_arguments(ap, "training loop demonstration")
     ap.add_argument("--validation-data", help="folder of held-out videos; default: a separate random stream of "
                                               "clips from --data")
     ap.add_argument("--scale", type=int, default=4, help="LR = HR / scale: the upscale factor the adapter learns")
@@ -110,10 +106,7 @@ def parse_args(argv=None):
     ap.add_argument("--injection", default="direct", help="new adapter only: direct or shared_blocks")
     ap.add_argument("--adapter-rank", type=int, default=0, help="new adapter only: low-rank injection rank (0: full)")
     args = ap.parse_args(argv)
-    if args.stand_ins and (args.dit or args.vae):
-        ap.error("--stand-ins builds its own models: leave out --dit and --vae")
-    if not args.stand_ins and not (args.dit and args.vae):
-        ap.error("--dit and --vae are required (or --stand-ins for tiny random-weight models)")
+    check_model_arguments(ap, args)
     for option, folder in (("--data", args.data), ("--validation-data", args.validation_data)):
         if folder is not None and not Path(folder).is_dir():
             ap.error(f"{option} {folder}: no such folder")

@@ -1,10 +1,10 @@
 """Upscale a video file to a video file with the pack's core, in this process (no ComfyUI server).
 
-    python tools/upscale.py --input in.mp4 --output out.mp4 --dit wan_dit.safetensors --vae wan_vae.safetensors \
+    python -m tools.upscale --input in.mp4 --output out.mp4 --dit wan_dit.safetensors --vae wan_vae.safetensors \
         [--adapter adapter.safetensors] [--scale 4] [--steps 1] [--seed 0] [--chunk-frames 0] [--overlap-frames 8] \
         [--segment-chunks 0] [--cut-threshold 0.06] [--colour lab]
-    python tools/upscale.py --input in.mp4 --output out.mp4 --stand-ins      # tiny random-weight models
-    torchrun --nproc_per_node=K tools/upscale.py ... --segment-chunks N       # K processes share the video
+    python -m tools.upscale --input in.mp4 --output out.mp4 --stand-ins      # tiny random-weight models
+    torchrun --nproc_per_node=K -m tools.upscale ... --segment-chunks N       # K processes share the video
 
 The models are loaded exactly as ComfyUI's stock "Load Diffusion Model" and "Load VAE" nodes load them, the adapter
 (a file, or a fresh zero-initialised one) is attached as "Attach State-Aware Adapter" attaches it, and the run is
@@ -19,51 +19,30 @@ processes given the same --segment-chunks (a one-process run with that --segment
 printed at the end is that of the frames as encoded.
 """
 import argparse
-import datetime
 import hashlib
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_server  # noqa: E402
+from tools import comfy_server
+from tools.headless import (Ranks, add_model_arguments, build_stand_ins, check_model_arguments, load_models,
+                            run_headless, stand_in_banner)
 
-STAND_IN_BANNER = ("NOTE: --stand-ins: tiny RANDOM-WEIGHT Wan stand-ins instead of real models. The output only "
-                   "demonstrates the pipeline; it is not an upscale.")
+STAND_IN_BANNER = stand_in_banner("--stand-ins")
 EXCHANGE_SUFFIX = ".litevsr-exchange"
 FAILED_MARK = "failed_rank"
-
-
-class Ranks:
-    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
-
-    def __init__(self, environ=os.environ, tool="upscale"):
-        self.tool = tool  # names this tool in printed lines
-        self.rank = int(environ.get("RANK", 0))
-        self.world = int(environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(environ.get("LOCAL_RANK", 0))
-        self.local_world = int(environ.get("LOCAL_WORLD_SIZE", self.world))
-        self.shared = self.world > 1
-
-    def say(self, message, everyone=False):
-        if self.rank == 0 or everyone:
-            prefix = f"[{self.tool} rank {self.rank}/{self.world}]" if self.shared else f"[{self.tool}]"
-            print(f"{prefix} {message}", flush=True)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="LiteVSR: upscale a video file headless (torchrun shares the chunks)")
     ap.add_argument("--input", required=True, help="LR video file")
     ap.add_argument("--output", required=True, help="output file (.mp4, .mkv, ...); written atomically")
-    ap.add_argument("--dit", help="Wan DiT file (as for ComfyUI's Load Diffusion Model)")
-    ap.add_argument("--vae", help="Wan VAE file (as for ComfyUI's Load VAE)")
+    add_model_arguments(ap, "pipeline demonstration")
     ap.add_argument("--adapter", default=None, help="LiteVSR adapter file; default: a new zero-initialised adapter "
                                                     "(output = the bare backbone's)")
     ap.add_argument("--injection", default="direct", help="new adapter only: direct or shared_blocks")
     ap.add_argument("--adapter-rank", type=int, default=0, help="new adapter only: low-rank injection rank (0: full)")
-    ap.add_argument("--stand-ins", action="store_true", help="tiny random-weight models (pipeline demonstration)")
     ap.add_argument("--scale", type=int, default=4)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -85,52 +64,11 @@ def parse_args(argv=None):
                     help=f"folder for chunks handed to rank 0 (default: .<output name>{EXCHANGE_SUFFIX} beside the "
                          "output; it must be the same folder for every process)")
     args = ap.parse_args(argv)
-    if args.stand_ins and (args.dit or args.vae):
-        ap.error("--stand-ins builds its own models: leave out --dit and --vae")
-    if not args.stand_ins and not (args.dit and args.vae):
-        ap.error("--dit and --vae are required (or --stand-ins for tiny random-weight models)")
+    check_model_arguments(ap, args)
     return args
 
 
 # --- distributed ------------------------------------------------------------------------------------------------
-
-def init_distributed(ranks):
-    """torch.distributed from torchrun's environment: nccl with one GPU per local rank, gloo on the CPU."""
-    import torch
-    import torch.distributed as dist
-
-    if not ranks.shared:
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(ranks.local_rank)  # before ComfyUI picks its device (the current CUDA device)
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    # Generous: rank 0 plans (a scene-cut pass over the whole video) while the others wait for the plan.
-    dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
-
-
-def run_headless(ranks, work):
-    """Calls `work()` with torch.distributed up (under torchrun) and ComfyUI set up. Returns 0, or 1 after one line
-    on stderr (`<tool> failed [on rank N]: Type: message`); the process group is destroyed either way."""
-    init_distributed(ranks)
-    try:
-        import comfy_env
-
-        comfy_env.setup()
-        work()
-    except Exception as e:
-        print(f"{ranks.tool} failed{f' on rank {ranks.rank}' if ranks.shared else ''}: "
-              f"{comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if ranks.shared:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    return 0
-
 
 def broadcast_ints(values, ranks):
     """Rank 0's list of ints on every rank, as tensors (nothing is pickled)."""
@@ -157,31 +95,6 @@ def clear_exchange(folder):
     for path in folder.iterdir():
         if path.name.startswith(("chunk_", FAILED_MARK)):
             path.unlink()
-
-
-# --- models -----------------------------------------------------------------------------------------------------
-
-def build_stand_ins(folder, dit_dim=256, head_std=None):
-    """Tiny random-weight Wan2.1 DiT and VAE files (deterministic: every rank builds the same ones). `head_std`: see
-    tiny_models.tiny_wan_dit_state_dict (training uses dim 128 and 1/sqrt(128), so an adapter can steer it)."""
-    import tiny_models
-
-    dit = tiny_models.save_tiny_wan_dit(Path(folder) / "tiny_wan21_dit.safetensors", dim=dit_dim, num_layers=2,
-                                        head_std=head_std)
-    vae = tiny_models.save_tiny_wan21_vae(Path(folder) / "tiny_wan21_vae.safetensors", dim=8)
-    return dit, vae
-
-
-def load_models(dit_path, vae_path):
-    """As ComfyUI's stock UNETLoader and VAELoader load them."""
-    import comfy.sd
-    import comfy.utils
-
-    model = comfy.sd.load_diffusion_model(str(dit_path))
-    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_path)))
-    if hasattr(vae, "throw_exception_if_invalid"):
-        vae.throw_exception_if_invalid()
-    return model, vae
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
@@ -228,7 +141,7 @@ class ChunkLog:
 def run(args, ranks, frames_to=None):
     """Upscales args.input into args.output; returns rank 0's summary (None on the other ranks). `frames_to`, if
     given, also gets every batch of final frames ([n, H, W, 3] float 0..1) as written, before the lossy encode
-    (tools/eval.py scores those)."""
+    (bench/eval.py scores those)."""
     from comfyui_litevsr.nodes.adapters import adapter_from_file, with_adapter
     from comfyui_litevsr.nodes.backbone import backbone_signature
     from comfyui_litevsr.nodes.core.temporal import DEFAULT_CUT_THRESHOLD

@@ -9,7 +9,7 @@ import torch
 from .tiling import FeatherBlender, tile_grid
 
 
-def _latent_tiling(tile_px, overlap_px, spatial_stride):
+def decode_latent_tiling(tile_px, overlap_px, spatial_stride):
     """Pixel tile/overlap -> latent units, refusing settings that cannot be honoured exactly."""
     if tile_px % spatial_stride or overlap_px % spatial_stride:
         raise ValueError(f"tile size ({tile_px} px) and overlap ({overlap_px} px) must be multiples of the VAE's "
@@ -24,7 +24,7 @@ def _latent_tiling(tile_px, overlap_px, spatial_stride):
 
 def tile_count(latent_height, latent_width, spatial_stride, tile_px, overlap_px):
     """How many decode calls `tiled_decode` makes (for progress bars)."""
-    tile, overlap = _latent_tiling(tile_px, overlap_px, spatial_stride)
+    tile, overlap = decode_latent_tiling(tile_px, overlap_px, spatial_stride)
     return len(tile_grid(latent_height, latent_width, tile, overlap))
 
 
@@ -34,7 +34,7 @@ def tiled_decode(latent, decode_fn, spatial_stride, tile_px, overlap_px, on_tile
     `decode_fn(latent_tile)` returns `[T, th, tw, 3]` on any device; every tile moves to the CPU at once, so
     device memory follows the tile size. `on_tile(done, total)` runs after each tile.
     """
-    tile, overlap = _latent_tiling(tile_px, overlap_px, spatial_stride)
+    tile, overlap = decode_latent_tiling(tile_px, overlap_px, spatial_stride)
     if latent.ndim != 5 or latent.shape[0] != 1:
         raise ValueError(f"expected one video latent [1, C, T, h, w], got shape {tuple(latent.shape)}")
     latent_height, latent_width = latent.shape[-2:]

@@ -289,7 +289,7 @@ def apply_noise(clip, params):
 
 # --- JPEG and video codec -----------------------------------------------------------------------------------------
 
-def _to_uint8_frames(clip):
+def to_uint8_frames(clip):
     return (rearrange(clip, "t c h w -> t h w c").clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu().numpy()
 
 
@@ -307,7 +307,7 @@ def sample_jpeg(rng, prob, quality_range):
 def jpeg(clip, quality):
     """Pillow JPEG encode/decode of every frame at one quality (4:2:0 chroma, as cameras and the web do)."""
     decoded = []
-    for frame in _to_uint8_frames(clip):
+    for frame in to_uint8_frames(clip):
         buffer = io.BytesIO()
         Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
         buffer.seek(0)
@@ -336,7 +336,7 @@ def sample_codec(rng, prob, codecs, bitrate_range):
                                                                         int(bitrate_range[1]) + 1))}
 
 
-def _pad_for_codec(frames):
+def pad_for_codec(frames):
     """Edge-pad `[T, H, W, 3]` uint8 to even sides of at least CODEC_MIN_SIDE (yuv420p halves the chroma)."""
     height, width = frames.shape[1:3]
     pad_h = max(CODEC_MIN_SIDE, height + height % 2) - height
@@ -354,7 +354,7 @@ def _pad_for_codec(frames):
 X264_PARAMS = "threads=1:lookahead-threads=1:sliced-threads=0:mbtree=0"
 
 
-def _encode(frames, codec, bitrate):
+def encode(frames, codec, bitrate):
     buffer = io.BytesIO()
     # bitexact: matroska otherwise writes random segment and track UIDs (no effect on the decoded frames)
     with av.open(buffer, "w", format="matroska", container_options={"fflags": "+bitexact"}) as container:
@@ -380,9 +380,9 @@ def _decode(data):
 
 def compress_video(clip, codec, bitrate):
     """Encode `[T, 3, H, W]` with a real video encoder at `bitrate` (bits per frame, see CODEC_FPS) and decode it."""
-    frames = _to_uint8_frames(clip)
+    frames = to_uint8_frames(clip)
     height, width = frames.shape[1:3]
-    decoded = _decode(_encode(_pad_for_codec(frames), codec, bitrate))
+    decoded = _decode(encode(pad_for_codec(frames), codec, bitrate))
     if len(decoded) != len(frames):
         raise RuntimeError(f"{codec} round trip returned {len(decoded)} frames for {len(frames)}")
     return _from_uint8_frames([frame[:height, :width] for frame in decoded], clip)

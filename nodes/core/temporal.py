@@ -137,12 +137,6 @@ class Stitcher:
         return torch.lerp(self._tail.to(frames.device), frames[: len(fade_in)], weights)
 
 
-def stitch(outputs, plan):
-    """All chunk outputs stitched into one tensor (for short clips; stream with Stitcher otherwise)."""
-    stitcher = Stitcher(plan)
-    return torch.cat([stitcher.push(output) for output in outputs])
-
-
 # Mean absolute difference of consecutive 32x18 RGB thumbnails, pixel values on a 0..1 scale. In bigbuckbunny's
 # own motion the score stays under 0.014; hard cuts between its shots or to other footage score 0.075 or more.
 DEFAULT_CUT_THRESHOLD = 0.06

@@ -15,7 +15,6 @@ import av
 import torch
 from av.video.reformatter import ColorRange, Colorspace
 
-from .frames import resize_frames
 
 # ffmpeg's AVCOL_* code for BT.709 primaries, transfer and matrix (the same number for all three).
 BT709 = 1
@@ -310,12 +309,3 @@ class VideoWriter:
             self.abort()
         return False
 
-
-def write_test_clip(source, path, frame_count, width, height):
-    """The first `frame_count` frames of `source` resized to width x height, with all of its audio cut at the
-    same duration (to the audio frame)."""
-    reader = VideoReader(source)
-    frames = resize_frames(reader.frames(0, frame_count), height, width)
-    with VideoWriter(path, reader.fps, width, height, audio_from=source if reader.has_audio else None) as writer:
-        writer.write(frames)
-    return Path(path)

