@@ -10,7 +10,7 @@ from .backbone import backbone_signature
 from .core.distributed import rank_ranges, upscale_shared
 from .core.sampling import flow_sigmas
 from .core.stream import VSRPipeline, upscale_chunks
-from .core.temporal import SceneCutDetector, chunk_plan
+from .core.temporal import SceneCutDetector, split_chunks
 from .core.video_io import VideoWriter
 from .pipeline import check_vae, dit_denoiser, grid_px, hr_decoder, lr_encoder
 from .planner import decode_overlap, dit_overlap, plan_for_video, retrying
@@ -110,7 +110,7 @@ class StreamUpscale:
         chunk_frames, tile_h, tile_w, decode_tile, *self.cuts = share.agree(decided)
         self._plan_sizes(self.sizes.with_sizes(chunk_frames=chunk_frames, dit_tile=(tile_h, tile_w),
                                                decode_tile=decode_tile))
-        self.chunks = chunk_plan(reader.frame_count, self.sizes.chunk_frames, self.overlap, self.cuts)
+        self.chunks = split_chunks(reader.frame_count, self.sizes.chunk_frames, self.overlap, self.cuts)
         self.own = range(len(self.chunks))
         if share.world > 1:
             self.own = range(*rank_ranges(len(self.chunks), options.segment_chunks, share.world)[share.rank])

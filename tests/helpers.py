@@ -16,9 +16,9 @@ def probe(path):
                 "audio": len(container.streams.audio)}
 
 
-def stitch(outputs, plan):
+def stitch(outputs, chunks):
     """All chunk outputs stitched into one tensor (for short clips; the pack streams with Stitcher)."""
-    stitcher = Stitcher(plan)
+    stitcher = Stitcher(chunks)
     return torch.cat([stitcher.push(output) for output in outputs])
 
 

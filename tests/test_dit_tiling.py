@@ -5,7 +5,7 @@ import torch
 from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
 from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter
 from comfyui_litevsr.nodes.core.backbones import WAN21_1_3B, WAN21_14B, WAN22_5B
-from comfyui_litevsr.nodes.core.dit_tiling import (aligned_spans, default_overlap, dit_tile_plan, latent_tiling,
+from comfyui_litevsr.nodes.core.dit_tiling import (aligned_spans, default_overlap, dit_tile_grid, latent_tiling,
                                                    pad_to_patch, patch_multiple, tiled_denoiser, training_tile)
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature
 from comfyui_litevsr.nodes.core.sampling import flow_sigmas, sample_vsr, seeded_noise
@@ -49,7 +49,7 @@ def test_local_model_is_reproduced_exactly(height, width, tile, overlap, steps, 
     recorder = Recorder(local_denoise)
     tiled = sample_vsr(tiled_denoiser(recorder, tile, overlap), lr, noise, sigmas, start)
     whole = sample_vsr(local_denoise, lr, noise, sigmas, start)
-    assert len(recorder.calls) == steps * len(dit_tile_plan(height, width, tile, overlap)) > steps  # really tiled
+    assert len(recorder.calls) == steps * len(dit_tile_grid(height, width, tile, overlap)) > steps  # really tiled
     assert torch.equal(tiled, whole)
 
 
@@ -64,22 +64,22 @@ def test_every_tile_sees_the_full_noise_field(height, width):
     sigmas = flow_sigmas(2, 5.0)
     recorder, whole_recorder = Recorder(local_denoise), Recorder(local_denoise)
     denoise = tiled_denoiser(recorder, tile, overlap)
-    plan = denoise.plan(height, width)
+    tiles = denoise.grid(height, width)
     sample_vsr(denoise, lr, noise, sigmas)
     sample_vsr(whole_recorder, lr, noise, sigmas)
-    assert len(plan) > 4 and len(recorder.calls) == 2 * len(plan)
-    assert plan[-1][0].stop == height + height % 2 and plan[-1][1].stop == width + width % 2
+    assert len(tiles) > 4 and len(recorder.calls) == 2 * len(tiles)
+    assert tiles[-1][0].stop == height + height % 2 and tiles[-1][1].stop == width + width % 2
     padded_noise = pad_to_patch(noise, lr, lr)[0]
     for step, whole_call in enumerate(whole_recorder.calls):
         whole_x, whole_lr, whole_estimate = pad_to_patch(whole_call[0], whole_call[2], whole_call[3])
-        for (rows, cols), (x, sigma, lr_tile, estimate) in zip(plan, recorder.calls[step * len(plan):]):
+        for (rows, cols), (x, sigma, lr_tile, estimate) in zip(tiles, recorder.calls[step * len(tiles):]):
             crop = (..., rows.slice, cols.slice)
             if step == 0:
                 assert torch.equal(x, padded_noise[crop])  # the first step's state is the noise itself
             assert torch.equal(x, whole_x[crop]) and sigma == whole_call[1]
             assert torch.equal(lr_tile, whole_lr[crop]) and torch.equal(estimate, whole_estimate[crop])
     # overlapping neighbours really share noise (not just each equal to "a" crop)
-    (_, first_cols), (_, second_cols) = plan[0], plan[1]
+    (_, first_cols), (_, second_cols) = tiles[0], tiles[1]
     shared = slice(second_cols.start, first_cols.stop)
     assert shared.stop - shared.start >= overlap
     first_x, second_x = recorder.calls[0][0], recorder.calls[1][0]
@@ -115,7 +115,7 @@ def test_progress_and_dtype():
     lr = video(20, 30).half()
     progress = []
     out = tiled_denoiser(local_denoise, 10, 2, on_tile=lambda *a: progress.append(a))(lr, 0.5, lr, lr)
-    total = len(dit_tile_plan(20, 30, 10, 2))
+    total = len(dit_tile_grid(20, 30, 10, 2))
     assert progress == [(done, total) for done in range(1, total + 1)] and total > 1
     assert out.dtype == torch.float16 and out.shape == lr.shape
 
@@ -145,13 +145,13 @@ def test_spans_are_aligned_and_cover(size, tile, overlap, multiple):
 
 
 def test_grid_covers_the_latent():
-    plan = dit_tile_plan(45, 77, (12, 20), None, 2)
+    tiles = dit_tile_grid(45, 77, (12, 20), None, 2)
     covered = torch.zeros(45, 77, dtype=torch.int)
-    for rows, cols in plan:
+    for rows, cols in tiles:
         assert rows.start % 2 == 0 and cols.start % 2 == 0 and (rows.length, cols.length) <= (12, 20)
         covered[rows.slice, cols.slice] += 1
     assert (covered > 0).all()
-    assert len({(rows.start, cols.start) for rows, cols in plan}) == len(plan)
+    assert len({(rows.start, cols.start) for rows, cols in tiles}) == len(tiles)
 
 
 # --- defaults for the real backbones -----------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_default_overlap_is_an_eighth_on_the_patch_grid():
     assert default_overlap((44, 80)) == (6, 10)
     assert default_overlap(4) == (2, 2)  # never less than one patch
     for tile in ((60, 104), (90, 160), (44, 80)):
-        dit_tile_plan(500, 500, tile)  # the defaults make valid plans
+        dit_tile_grid(500, 500, tile)  # the defaults make valid plans
 
 
 def test_pixel_settings_to_latent():
@@ -268,7 +268,7 @@ def test_real_dit_seams_stay_small(real_denoiser, tiny_dit):
             calls = []
             tiled = _sample(tiled_denoiser(real_denoiser, 16, overlap, on_tile=lambda *a: calls.append(a)),
                             lr, noise, steps)
-            assert len(calls) == steps * len(dit_tile_plan(height, width, 16, overlap)) >= 6 * steps
+            assert len(calls) == steps * len(dit_tile_grid(height, width, 16, overlap)) >= 6 * steps
             errors[name] = error = (tiled - whole) / std
             print(f"\n[dit tiling] {steps} step(s), {name} tiles 16 overlap {overlap}: max |diff|/std "
                   f"{error.abs().max():.4f}, mean {error.abs().mean():.5f}")

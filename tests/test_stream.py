@@ -6,7 +6,7 @@ from einops import rearrange
 
 from comfyui_litevsr.nodes.core.sampling import flow_sigmas
 from comfyui_litevsr.nodes.core.stream import VSRPipeline, carried_frames, upscale_chunks
-from comfyui_litevsr.nodes.core.temporal import chunk_plan
+from comfyui_litevsr.nodes.core.temporal import split_chunks
 
 STRIDE = 8
 
@@ -38,10 +38,10 @@ def pipeline(steps, start="noise"):
 
 
 def run_chunked(pipe, clip, chunk_frames, overlap):
-    plan = chunk_plan(len(clip), chunk_frames, overlap)
+    chunks = split_chunks(len(clip), chunk_frames, overlap)
     written = []
-    upscale_chunks(plan, (clip[c.start:c.stop] for c in plan), pipe.process, written.append)
-    return torch.cat(written), plan
+    upscale_chunks(chunks, (clip[c.start:c.stop] for c in chunks), pipe.process, written.append)
+    return torch.cat(written), chunks
 
 
 @pytest.mark.parametrize("frames", [1, 2, 7, 33, 61])
@@ -51,14 +51,14 @@ def test_chunked_equals_whole_clip_for_a_model_without_temporal_reach(frames, ch
     clip = torch.rand(frames, 24, 40, 3, generator=torch.Generator().manual_seed(frames))
     pipe = pipeline(steps, start)
     whole, _ = pipe.process(clip)
-    chunked, plan = run_chunked(pipe, clip, chunk_frames, overlap)
+    chunked, chunks = run_chunked(pipe, clip, chunk_frames, overlap)
     assert chunked.shape == whole.shape == (frames, 48, 80, 3)
     assert torch.equal(chunked, whole)
 
 
 def test_carried_frames_map_to_the_previous_chunks_latents():
-    plan = chunk_plan(40, 17, 8)
-    first, second = plan[0], plan[1]
+    chunks = split_chunks(40, 17, 8)
+    first, second = chunks[0], chunks[1]
     latents = torch.arange(5.0).view(1, 1, 5, 1, 1)  # chunk latent k holds k
     known = carried_frames(first, latents, second)
     # second starts at pixel 8 (= first's latent 2); its latents 1 and 2 are first's latents 3 and 4
@@ -77,7 +77,7 @@ def test_carried_state_reaches_the_next_chunk():
     pipe = VSRPipeline(group_encode, temporal_denoise, group_decode, grid_px=16, scale=2, sigmas=flow_sigmas(1, 5.0),
                        seed=1, colour="none")
     clip = torch.rand(25, 16, 16, 3, generator=torch.Generator().manual_seed(0))
-    plan = chunk_plan(25, 17, 8)
+    chunks = split_chunks(25, 17, 8)
     latents = []
 
     def process(frames, first_frame, known):
@@ -85,7 +85,7 @@ def test_carried_state_reaches_the_next_chunk():
         latents.append(clean)
         return hr, clean
 
-    upscale_chunks(plan, (clip[c.start:c.stop] for c in plan), process, lambda frames: None)
+    upscale_chunks(chunks, (clip[c.start:c.stop] for c in chunks), process, lambda frames: None)
     # The second chunk's refinement stream started from the first chunk's finished latents 3 and 4.
     assert torch.equal(seen[1][:, :, 1:3], latents[0][:, :, 3:5])
     assert torch.equal(latents[1][:, :, 1:3], latents[0][:, :, 3:5])
@@ -112,16 +112,16 @@ def test_shared_upscale_equals_one_process(tmp_path):
     pipe = VSRPipeline(group_encode, temporal_denoise, group_decode, grid_px=16, scale=2, sigmas=flow_sigmas(2, 5.0),
                        seed=4, colour="none")
     clip = torch.rand(45, 16, 16, 3, generator=torch.Generator().manual_seed(2))
-    plan = chunk_plan(45, 9, 4)
-    read = lambda indices: (clip[plan[i].start:plan[i].stop] for i in indices)  # noqa: E731
+    chunks = split_chunks(45, 9, 4)
+    read = lambda indices: (clip[chunks[i].start:chunks[i].stop] for i in indices)  # noqa: E731
     single = []
-    upscale_chunks(plan, read(range(len(plan))), pipe.process, single.append, segment_chunks=3)
+    upscale_chunks(chunks, read(range(len(chunks))), pipe.process, single.append, segment_chunks=3)
     no_segments = []
-    upscale_chunks(plan, read(range(len(plan))), pipe.process, no_segments.append)
+    upscale_chunks(chunks, read(range(len(chunks))), pipe.process, no_segments.append)
     assert not torch.equal(torch.cat(single), torch.cat(no_segments))  # segments do restart the carried state
 
     shared = []
     for rank in reversed(range(3)):  # later ranks first: rank 0 then finds their chunks waiting
-        upscale_shared(plan, rank, 3, 3, read, pipe.process, shared.append, str(tmp_path))
+        upscale_shared(chunks, rank, 3, 3, read, pipe.process, shared.append, str(tmp_path))
     assert torch.equal(torch.cat(shared), torch.cat(single))
     assert not list(tmp_path.iterdir())  # every handed-over chunk was taken and removed

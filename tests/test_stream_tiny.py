@@ -4,7 +4,7 @@ import torch
 from comfyui_litevsr.nodes.adapters import NEW_ADAPTER
 from comfyui_litevsr.nodes.core.sampling import flow_sigmas
 from comfyui_litevsr.nodes.core.stream import VSRPipeline, upscale_chunks
-from comfyui_litevsr.nodes.core.temporal import chunk_plan
+from comfyui_litevsr.nodes.core.temporal import split_chunks
 from comfyui_litevsr.nodes.model_nodes import LiteVSRAttachAdapter
 from comfyui_litevsr.nodes.pipeline import dit_denoiser, dit_tiles, grid_px, hr_decoder, lr_encoder
 
@@ -22,13 +22,13 @@ def test_chunk_boundaries_are_closer_to_whole_clip_than_neighbouring_frames(tiny
                        sigmas=flow_sigmas(1, 5.0), seed=0, colour="none")
     with torch.no_grad():
         whole, _ = pipe.process(clip)
-        plan = chunk_plan(len(clip), 17, 8)
+        chunks = split_chunks(len(clip), 17, 8)
         written = []
-        upscale_chunks(plan, (clip[c.start:c.stop] for c in plan), pipe.process, written.append)
+        upscale_chunks(chunks, (clip[c.start:c.stop] for c in chunks), pipe.process, written.append)
     chunked = torch.cat(written)
     assert chunked.shape == whole.shape == (29, 2 * clip.shape[1], 2 * clip.shape[2], 3)
 
-    boundary = sorted({t for c in plan[1:] for t in range(c.start, min(c.start + 12, len(clip)))})
+    boundary = sorted({t for c in chunks[1:] for t in range(c.start, min(c.start + 12, len(clip)))})
     boundary_error = (chunked[boundary] - whole[boundary]).abs().mean().item()
     interior = [t for t in range(1, len(clip)) if t not in boundary and t - 1 not in boundary]
     neighbour_change = torch.stack([(whole[t] - whole[t - 1]).abs().mean() for t in interior]).mean().item()

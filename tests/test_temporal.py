@@ -5,7 +5,7 @@ import torch
 
 from comfyui_litevsr.nodes.core.frames import resize_frames
 from comfyui_litevsr.nodes.core.temporal import (DEFAULT_CUT_THRESHOLD, SceneCutDetector, Stitcher, blend_weights,
-                                                 chunk_plan)
+                                                 split_chunks)
 from helpers import stitch
 from comfyui_litevsr.nodes.core.video_io import VideoReader
 
@@ -14,8 +14,8 @@ COMBOS = [(frames, chunk, overlap) for frames in (1, 2, 7, 33, 34, 150)
 CUT_COMBOS = [(150, 33, 8, (40, 41, 100)), (150, 17, 4, (1, 149)), (34, 9, 4, (9,))]
 
 
-def shot_starts(plan):
-    return [chunk.start for chunk in plan if chunk.new_shot]
+def shot_starts(chunks):
+    return [chunk.start for chunk in chunks if chunk.new_shot]
 
 
 def latent_groups(chunk):
@@ -38,27 +38,27 @@ def per_frame(frames):
     return out.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
 
-def run_chunks(clip, plan, model):
-    for chunk in plan:
+def run_chunks(clip, chunks, model):
+    for chunk in chunks:
         yield model(pad_to_grid(clip[chunk.start:chunk.stop], chunk.padded_frames))
 
 
 @pytest.mark.parametrize("frames, chunk_frames, overlap", COMBOS)
 def test_every_frame_is_owned_once_and_chunks_are_4n_plus_1(frames, chunk_frames, overlap):
-    plan = chunk_plan(frames, chunk_frames, overlap)
-    owned = [frame for chunk in plan for frame in chunk.owned]
+    chunks = split_chunks(frames, chunk_frames, overlap)
+    owned = [frame for chunk in chunks for frame in chunk.owned]
     assert owned == list(range(frames))
-    assert plan[0].new_shot and not any(chunk.new_shot for chunk in plan[1:])
-    assert all(len(chunk.frames) == chunk_frames for chunk in plan[:-1])
-    assert all(chunk.start % 4 == 0 for chunk in plan)
-    assert all(chunk.padded_frames % 4 == 1 and chunk.padded_frames >= len(chunk.frames) for chunk in plan)
-    assert plan[-1].stop == frames
+    assert chunks[0].new_shot and not any(chunk.new_shot for chunk in chunks[1:])
+    assert all(len(chunk.frames) == chunk_frames for chunk in chunks[:-1])
+    assert all(chunk.start % 4 == 0 for chunk in chunks)
+    assert all(chunk.padded_frames % 4 == 1 and chunk.padded_frames >= len(chunk.frames) for chunk in chunks)
+    assert chunks[-1].stop == frames
 
 
 @pytest.mark.parametrize("frames, chunk_frames, overlap", COMBOS)
 def test_overlaps_are_whole_latent_frames_in_both_chunks(frames, chunk_frames, overlap):
-    plan = chunk_plan(frames, chunk_frames, overlap)
-    for earlier, later in zip(plan, plan[1:]):
+    chunks = split_chunks(frames, chunk_frames, overlap)
+    for earlier, later in zip(chunks, chunks[1:]):
         assert earlier.stop - later.start == overlap + 1  # the later chunk's anchor, then the cross-fade
         assert len(later.fade_in) == overlap == earlier.stop - earlier.owned_stop
         blended = set(range(later.out_start, earlier.stop))
@@ -71,12 +71,12 @@ def test_overlaps_are_whole_latent_frames_in_both_chunks(frames, chunk_frames, o
 
 @pytest.mark.parametrize("frames, chunk_frames, overlap, cuts", CUT_COMBOS)
 def test_chunks_restart_at_scene_cuts(frames, chunk_frames, overlap, cuts):
-    plan = chunk_plan(frames, chunk_frames, overlap, cuts)
-    assert shot_starts(plan) == [0, *cuts]
-    assert [frame for chunk in plan for frame in chunk.owned] == list(range(frames))
-    for chunk in plan:
+    chunks = split_chunks(frames, chunk_frames, overlap, cuts)
+    assert shot_starts(chunks) == [0, *cuts]
+    assert [frame for chunk in chunks for frame in chunk.owned] == list(range(frames))
+    for chunk in chunks:
         assert not any(chunk.start < cut < chunk.stop for cut in cuts)  # nothing reads across a cut
-        shot = max(start for start in shot_starts(plan) if start <= chunk.start)
+        shot = max(start for start in shot_starts(chunks) if start <= chunk.start)
         assert (chunk.start - shot) % 4 == 0
         assert chunk.new_shot == (chunk.start == shot) and (chunk.fade_in == ()) == (chunk.new_shot or overlap == 0)
 
@@ -84,7 +84,7 @@ def test_chunks_restart_at_scene_cuts(frames, chunk_frames, overlap, cuts):
 @pytest.mark.parametrize("chunk_frames, overlap", [(32, 0), (33, 3), (33, 30), (5, 4), (0, 0)])
 def test_off_grid_sizes_are_refused(chunk_frames, overlap):
     with pytest.raises(ValueError, match="chunk_frames|overlap_frames"):
-        chunk_plan(100, chunk_frames, overlap)
+        split_chunks(100, chunk_frames, overlap)
 
 
 @pytest.mark.parametrize("overlap", [1, 4, 8, 12, 20])
@@ -100,34 +100,34 @@ def test_blend_weights_are_a_symmetric_partition_of_unity(overlap):
                          [(*combo, ()) for combo in COMBOS] + CUT_COMBOS)
 def test_stitched_per_frame_model_equals_the_whole_clip_bit_for_bit(frames, chunk_frames, overlap, cuts):
     clip = torch.rand(frames, 3, 5, 3, generator=torch.Generator().manual_seed(frames))
-    plan = chunk_plan(frames, chunk_frames, overlap, cuts)
-    stitched = stitch(run_chunks(clip, plan, per_frame), plan)
+    chunks = split_chunks(frames, chunk_frames, overlap, cuts)
+    stitched = stitch(run_chunks(clip, chunks, per_frame), chunks)
     assert torch.equal(stitched, per_frame(clip))
 
 
 def test_overlap_is_cross_faded_between_chunks():
-    plan = chunk_plan(60, 33, 8)
-    outputs = [torch.full((chunk.padded_frames, 1, 1, 3), float(index)) for index, chunk in enumerate(plan)]
-    stitched = stitch(outputs, plan)[:, 0, 0, 0]
-    for index, chunk in enumerate(plan[1:], start=1):
+    chunks = split_chunks(60, 33, 8)
+    outputs = [torch.full((chunk.padded_frames, 1, 1, 3), float(index)) for index, chunk in enumerate(chunks)]
+    stitched = stitch(outputs, chunks)[:, 0, 0, 0]
+    for index, chunk in enumerate(chunks[1:], start=1):
         fade = stitched[chunk.out_start:chunk.out_start + 8]
         expected = (index - 1) + torch.tensor(blend_weights(8), dtype=torch.float32)
         torch.testing.assert_close(fade, expected)  # previous value + w * (step of 1)
         assert stitched[chunk.out_start + 8] == index  # after the fade: this chunk alone
-    assert stitched[plan[1].out_start - 1] == 0  # before the fade: the first chunk alone
+    assert stitched[chunks[1].out_start - 1] == 0  # before the fade: the first chunk alone
 
 
 def test_streaming_stitcher_emits_frames_in_order_and_holds_only_the_overlap():
     frames, chunk_frames, overlap = 150, 33, 8
     clip = torch.arange(frames, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 2, 2, 3)
-    plan = chunk_plan(frames, chunk_frames, overlap)
-    stitcher = Stitcher(plan)
+    chunks = split_chunks(frames, chunk_frames, overlap)
+    stitcher = Stitcher(chunks)
     emitted = []
-    for chunk, output in zip(plan, run_chunks(clip, plan, lambda x: x.clone())):
+    for chunk, output in zip(chunks, run_chunks(clip, chunks, lambda x: x.clone())):
         finished = stitcher.push(output)
         assert len(finished) == len(chunk.owned)  # released as soon as no later chunk can change them
         assert len(finished) + stitcher.held_frames <= chunk_frames + overlap
-        assert stitcher.held_frames == (overlap if chunk is not plan[-1] else 0)
+        assert stitcher.held_frames == (overlap if chunk is not chunks[-1] else 0)
         emitted.extend(finished[:, 0, 0, 0].tolist())
     assert stitcher.done
     assert emitted == list(range(frames))
@@ -136,9 +136,9 @@ def test_streaming_stitcher_emits_frames_in_order_and_holds_only_the_overlap():
 
 
 def test_stitcher_refuses_a_truncated_chunk():
-    plan = chunk_plan(40, 17, 4)
+    chunks = split_chunks(40, 17, 4)
     with pytest.raises(ValueError, match="needs 17 frames"):
-        Stitcher(plan).push(torch.zeros(16, 1, 1, 3))
+        Stitcher(chunks).push(torch.zeros(16, 1, 1, 3))
 
 
 # --- scene cuts on real footage -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from comfyui_litevsr.nodes.core.decode import tile_count, tiled_decode
+from comfyui_litevsr.nodes.core.tiling import tile_grid
 
 STRIDE = 8
 
@@ -55,6 +56,16 @@ def test_a_latent_that_fits_one_tile_is_one_plain_decode():
     result = tiled_decode(latent, lambda z: calls.append(z.shape) or nearest_decoder(z), STRIDE, 64, 16)
     assert calls == [latent.shape]
     assert torch.equal(result, nearest_decoder(latent))
+
+
+def test_tile_count_equals_the_grid_tiled_decode_walks():
+    """The progress bar's count is computed without building the grid; it must still be the grid's length."""
+    for height in range(1, 40, 3):
+        for width in range(1, 60, 7):
+            for tile_px, overlap_px in ((32, 8), (64, 24), (128, 64), (16, 0)):
+                tile, overlap = tile_px // STRIDE, overlap_px // STRIDE
+                assert tile_count(height, width, STRIDE, tile_px, overlap_px) == \
+                    len(tile_grid(height, width, tile, overlap)), (height, width, tile_px, overlap_px)
 
 
 @pytest.mark.parametrize("tile_px, overlap_px, fix", [(60, 16, "multiples"), (64, 12, "multiples"),

@@ -6,7 +6,7 @@ restarts that cache in every tile and leaves visible temporal seams.
 """
 import torch
 
-from .tiling import FeatherBlender, tile_grid
+from .tiling import FeatherBlender, tile_grid, tiles_along
 
 
 def decode_latent_tiling(tile_px, overlap_px, spatial_stride):
@@ -23,9 +23,9 @@ def decode_latent_tiling(tile_px, overlap_px, spatial_stride):
 
 
 def tile_count(latent_height, latent_width, spatial_stride, tile_px, overlap_px):
-    """How many decode calls `tiled_decode` makes (for progress bars)."""
+    """How many decode calls `tiled_decode` makes (for progress bars), without building the grid."""
     tile, overlap = decode_latent_tiling(tile_px, overlap_px, spatial_stride)
-    return len(tile_grid(latent_height, latent_width, tile, overlap))
+    return tiles_along(latent_height, tile, overlap) * tiles_along(latent_width, tile, overlap)
 
 
 def tiled_decode(latent, decode_fn, spatial_stride, tile_px, overlap_px, on_tile=None):
@@ -38,11 +38,11 @@ def tiled_decode(latent, decode_fn, spatial_stride, tile_px, overlap_px, on_tile
     if latent.ndim != 5 or latent.shape[0] != 1:
         raise ValueError(f"expected one video latent [1, C, T, h, w], got shape {tuple(latent.shape)}")
     latent_height, latent_width = latent.shape[-2:]
-    plan = tile_grid(latent_height, latent_width, tile, overlap)
+    tiles = tile_grid(latent_height, latent_width, tile, overlap)
     blender = None
-    for done, (rows, cols) in enumerate(plan, start=1):
+    for done, (rows, cols) in enumerate(tiles, start=1):
         pixels = _decode_tile(latent, decode_fn, rows, cols, spatial_stride)
-        if len(plan) == 1:  # the whole latent fits in one tile: a plain decode, nothing to blend
+        if len(tiles) == 1:  # the whole latent fits in one tile: a plain decode, nothing to blend
             blended = pixels
         else:
             if blender is None:
@@ -51,7 +51,7 @@ def tiled_decode(latent, decode_fn, spatial_stride, tile_px, overlap_px, on_tile
                 blender = FeatherBlender(shape, height_dim=1, width_dim=2)
             blender.add(pixels, rows.scaled(spatial_stride), cols.scaled(spatial_stride))
         if on_tile is not None:
-            on_tile(done, len(plan))
+            on_tile(done, len(tiles))
     return blended if blender is None else blender.result()
 
 

@@ -46,19 +46,19 @@ def take_over(folder, index, is_alive=lambda: True, poll_seconds=0.2):
     return frames
 
 
-def upscale_shared(plan, rank, world_size, segment_chunks, read_chunks, process, write, exchange_folder,
+def upscale_shared(chunks, rank, world_size, segment_chunks, read_chunks, process, write, exchange_folder,
                    on_chunk=None, is_alive=lambda: True):
     """This rank's part of a shared upscale. `read_chunks(indices)` yields those chunks' LR frames; `write` is
     only called on rank 0, with finished frames in video order."""
-    start, stop = rank_ranges(len(plan), segment_chunks, world_size)[rank]
+    start, stop = rank_ranges(len(chunks), segment_chunks, world_size)[rank]
     own = range(start, stop)
-    finished = process_chunks(plan, own, read_chunks(own), process, on_chunk, segment_chunks)
+    finished = process_chunks(chunks, own, read_chunks(own), process, on_chunk, segment_chunks)
     if rank != 0:
         for index, frames in finished:
             hand_over(exchange_folder, index, frames)
         return
-    stitcher = Stitcher(plan)
+    stitcher = Stitcher(chunks)
     for _, frames in finished:
         write(stitcher.push(frames))
-    for index in range(stop, len(plan)):
+    for index in range(stop, len(chunks)):
         write(stitcher.push(take_over(exchange_folder, index, is_alive)))

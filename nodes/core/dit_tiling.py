@@ -142,7 +142,7 @@ def pad_to_patch(x, lr_latent, estimate, patch=PATCH):
             F.pad(estimate, pad, mode="replicate"))
 
 
-def _check_plan(tile, overlap, multiple):
+def _check_tiling(tile, overlap, multiple):
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be a positive int (the DiT patch size), got {multiple!r}")
     tile, overlap = _pair(tile, "tile"), _pair(overlap, "overlap")
@@ -164,11 +164,11 @@ def _check_plan(tile, overlap, multiple):
 def aligned_spans(size, tile, overlap, multiple=2):
     """`tile_spans` on the patch grid: starts on multiples of `multiple`, lengths `tile` (clipped to `size`).
 
-    The plan is made in whole patches (an odd `size` counts its last, partial patch as one), then scaled back
+    The grid is made in whole patches (an odd `size` counts its last, partial patch as one), then scaled back
     to latent units; at an odd border the last tile is clipped to `size` (`tiled_denoiser` pads the latent to
     whole patches first, so its tiles are never clipped).
     """
-    (tile, _), (overlap, _) = _check_plan((tile, tile), (overlap, overlap), multiple)
+    (tile, _), (overlap, _) = _check_tiling((tile, tile), (overlap, overlap), multiple)
     if size < 1:
         raise ValueError(f"cannot tile an empty axis (size {size})")
     patches = -(-size // multiple)
@@ -178,14 +178,14 @@ def aligned_spans(size, tile, overlap, multiple=2):
     return spans
 
 
-def dit_tile_plan(height, width, tile, overlap=None, multiple=2):
+def dit_tile_grid(height, width, tile, overlap=None, multiple=2):
     """All (row span, column span) pairs for a latent of `height x width`, row-major.
 
     `tile` and `overlap` are latent units, an int or a (height, width) pair; `overlap=None` is `default_overlap`.
     """
     if overlap is None:
         overlap = default_overlap(tile, multiple)
-    (tile_h, tile_w), (overlap_h, overlap_w) = _check_plan(tile, overlap, multiple)
+    (tile_h, tile_w), (overlap_h, overlap_w) = _check_tiling(tile, overlap, multiple)
     rows = aligned_spans(height, tile_h, overlap_h, multiple)
     cols = aligned_spans(width, tile_w, overlap_w, multiple)
     return [(row, col) for row in rows for col in cols]
@@ -204,7 +204,7 @@ def tiled_denoiser(denoise, tile, overlap=None, multiple=2, on_tile=None):
     """
     if overlap is None:
         overlap = default_overlap(tile, multiple)
-    tile, overlap = _check_plan(tile, overlap, multiple)
+    tile, overlap = _check_tiling(tile, overlap, multiple)
     if multiple % PATCH:
         raise ValueError(f"multiple {multiple} must be a multiple of the Wan DiT patch ({PATCH}) so tokens do not "
                          f"straddle tiles; use {round_up(multiple, PATCH)}")
@@ -217,16 +217,16 @@ def tiled_denoiser(denoise, tile, overlap=None, multiple=2, on_tile=None):
                 raise ValueError(f"{name} {tuple(other.shape)} does not match x {tuple(x.shape)} in batch, "
                                  "frames or size; the DiT tiler crops all three alike")
         height, width = x.shape[-2:]
-        if len(plan_for(height, width)) == 1:
+        if len(grid_for(height, width)) == 1:
             x0 = denoise(x, sigma, lr_latent, estimate)
             if on_tile is not None:
                 on_tile(1, 1)
             return x0
         x, lr_latent, estimate = pad_to_patch(x, lr_latent, estimate)
         padded_height, padded_width = x.shape[-2:]
-        plan = plan_for(height, width)
+        tiles = grid_for(height, width)
         blender = None
-        for done, (rows, cols) in enumerate(plan, start=1):
+        for done, (rows, cols) in enumerate(tiles, start=1):
             crop = (..., rows.slice, cols.slice)
             x0 = denoise(x[crop], sigma, lr_latent[crop], estimate[crop])
             if tuple(x0.shape[-2:]) != (rows.length, cols.length):
@@ -237,16 +237,16 @@ def tiled_denoiser(denoise, tile, overlap=None, multiple=2, on_tile=None):
                 blender = FeatherBlender(shape, height_dim=-2, width_dim=-1, dtype=x0.dtype, device=x0.device)
             blender.add(x0, rows, cols)
             if on_tile is not None:
-                on_tile(done, len(plan))
+                on_tile(done, len(tiles))
         blended = blender.result()
         return blended if (padded_height, padded_width) == (height, width) else blended[..., :height, :width]
 
-    def plan_for(height, width):
+    def grid_for(height, width):
         """The tiles a `height x width` latent is cut into (of the latent padded to whole patches)."""
-        plan = dit_tile_plan(height, width, tile, overlap, multiple)
-        if len(plan) == 1:
-            return plan
-        return dit_tile_plan(round_up(height, PATCH), round_up(width, PATCH), tile, overlap, multiple)
+        tiles = dit_tile_grid(height, width, tile, overlap, multiple)
+        if len(tiles) == 1:
+            return tiles
+        return dit_tile_grid(round_up(height, PATCH), round_up(width, PATCH), tile, overlap, multiple)
 
-    tiled.plan = plan_for  # for progress bars and tests
+    tiled.grid = grid_for  # for tests: the tiles a latent of that size is split into
     return tiled

@@ -1,7 +1,7 @@
 """Upscaling a video of any length chunk by chunk, with carried state, stitched and handed on as it goes.
 
 `VSRPipeline.process` is the short-clip graph (encode LR -> sample -> decode -> crop -> colour) for one chunk; the
-node graph runs the same steps once over the whole clip. `upscale_chunks` walks a chunk plan: each chunk of a
+node graph runs the same steps once over the whole clip. `upscale_chunks` walks the chunks: each chunk of a
 shot is sampled with the previous chunk's finished clean latents over their shared frames held fixed as context
 (`KnownFrames`), the decoded chunks are cross-faded over the overlap, and finished frames go to `write` at once,
 so memory follows the chunk length, not the video length.
@@ -62,35 +62,35 @@ def carried_frames(previous_chunk, previous_latents, chunk, stride=TEMPORAL_STRI
     return KnownFrames(frames, previous_latents[:, :, [offset + j for j in frames]])
 
 
-def carries_state(plan, index, segment_chunks=0):
+def carries_state(chunks, index, segment_chunks=0):
     """Whether chunk `index` continues from the previous chunk's latents: not at a new shot, and not at the start
     of a segment (every `segment_chunks` chunks when > 0) — segments are what several processes share out."""
-    if index == 0 or plan[index].new_shot:
+    if index == 0 or chunks[index].new_shot:
         return False
     return not (segment_chunks and index % segment_chunks == 0)
 
 
-def process_chunks(plan, indices, chunk_frames, process, on_chunk=None, segment_chunks=0):
-    """Yields `(index, hr_frames)` for the chunks `indices` (consecutive, in order) of `plan`, running
+def process_chunks(chunks, indices, chunk_frames, process, on_chunk=None, segment_chunks=0):
+    """Yields `(index, hr_frames)` for the chunks `indices` (consecutive, in order) of `chunks`, running
     `process(frames, first_frame, known) -> (hr_frames, clean_latents)` on the LR frames `chunk_frames` yields for
     them, with the previous chunk's latents carried into the next where `carries_state` says so."""
     previous = None
     for index, frames in zip(indices, chunk_frames):
-        chunk = plan[index]
+        chunk = chunks[index]
         known = None
-        if previous is not None and carries_state(plan, index, segment_chunks):
+        if previous is not None and carries_state(chunks, index, segment_chunks):
             known = carried_frames(*previous, chunk)
         hr_frames, latents = process(frames, chunk.start, known)
         previous = (chunk, latents)
         if on_chunk is not None:
-            on_chunk(index + 1, len(plan))
+            on_chunk(index + 1, len(chunks))
         yield index, hr_frames
 
 
-def upscale_chunks(plan, chunk_frames, process, write, on_chunk=None, segment_chunks=0):
-    """Runs every chunk of `plan` in one process and passes each finished HR frame batch to `write`."""
-    stitcher = Stitcher(plan)
-    for _, hr_frames in process_chunks(plan, range(len(plan)), chunk_frames, process, on_chunk, segment_chunks):
+def upscale_chunks(chunks, chunk_frames, process, write, on_chunk=None, segment_chunks=0):
+    """Runs every chunk of `chunks` in one process and passes each finished HR frame batch to `write`."""
+    stitcher = Stitcher(chunks)
+    for _, hr_frames in process_chunks(chunks, range(len(chunks)), chunk_frames, process, on_chunk, segment_chunks):
         write(stitcher.push(hr_frames))
     if not stitcher.done:
-        raise RuntimeError(f"the video ended before all {len(plan)} planned chunks were read")
+        raise RuntimeError(f"the video ended before all {len(chunks)} planned chunks were read")

@@ -1,4 +1,4 @@
-"""Long videos in chunks on the Wan causal-VAE grid: chunk plans, overlap blending, scene cuts.
+"""Long videos in chunks on the Wan causal-VAE grid: splitting into chunks, overlap blending, scene cuts.
 
 How pixel frames map to latent frames. Wan's VAE is causal with temporal stride 4: latent 0 encodes pixel frame 0
 alone; latent k (k >= 1) encodes pixel frames 4k-3 .. 4k. A chunk encoded on its own from pixel frame s = 4m
@@ -25,7 +25,7 @@ from .geometry import TEMPORAL_STRIDE, frames_on_grid
 
 @dataclass(frozen=True)
 class Chunk:
-    """One chunk of a plan. All numbers are global pixel-frame indices, ranges half-open."""
+    """One chunk of a video. All numbers are global pixel-frame indices, ranges half-open."""
 
     start: int  # first frame read (the anchor, unless `new_shot`)
     stop: int  # one past the last frame read
@@ -76,7 +76,7 @@ def _shot_chunks(shot_start, shot_stop, chunk_frames, overlap_frames):
         start += stride
 
 
-def chunk_plan(num_frames, chunk_frames, overlap_frames, cuts=()):
+def split_chunks(num_frames, chunk_frames, overlap_frames, cuts=()):
     """Chunks covering `num_frames` pixel frames; every chunk is chunk_frames long (4n+1) except the last of each
     shot, which the caller pads to `padded_frames`. `cuts` are frames that start a new shot (see SceneCutDetector).
     Every frame is owned by exactly one chunk."""
@@ -84,7 +84,7 @@ def chunk_plan(num_frames, chunk_frames, overlap_frames, cuts=()):
     if num_frames < 1:
         raise ValueError("a video needs at least one frame")
     bounds = sorted({0, num_frames, *(cut for cut in cuts if 0 < cut < num_frames)})
-    plan = []
+    chunks = []
     for shot_start, shot_stop in zip(bounds, bounds[1:]):
         spans = _shot_chunks(shot_start, shot_stop, chunk_frames, overlap_frames)
         for index, (start, stop) in enumerate(spans):
@@ -93,18 +93,18 @@ def chunk_plan(num_frames, chunk_frames, overlap_frames, cuts=()):
             out_start = start if new_shot else start + 1
             next_out_start = spans[index + 1][0] + 1 if index + 1 < len(spans) else stop
             fade_in = () if new_shot else blend_weights(overlap_frames)
-            plan.append(Chunk(start, stop, out_start, next_out_start, fade_in, new_shot))
-    return plan
+            chunks.append(Chunk(start, stop, out_start, next_out_start, fade_in, new_shot))
+    return chunks
 
 
 class Stitcher:
-    """Takes chunk outputs in plan order and returns, for each, the frames that just became final, in order.
+    """Takes chunk outputs in order and returns, for each, the frames that just became final, in order.
 
     Holds only the previous chunk's cross-fade tail (at most `overlap` frames) between pushes. Blending uses
     lerp(previous, current, w), so frames on which both chunks agree come out bit-identical."""
 
-    def __init__(self, plan):
-        self.plan = plan
+    def __init__(self, chunks):
+        self.chunks = chunks
         self._next = 0
         self._tail = None  # previous chunk's frames [owned_stop, stop), waiting for the next chunk's fade-in
 
@@ -114,13 +114,13 @@ class Stitcher:
 
     @property
     def done(self):
-        return self._next == len(self.plan)
+        return self._next == len(self.chunks)
 
     def push(self, output):
         """`output`: the processed chunk, [n, ...] with n = len(chunk.frames) or its padded length."""
         if self.done:
-            raise ValueError("all chunks of the plan were already stitched")
-        chunk = self.plan[self._next]
+            raise ValueError("all chunks were already stitched")
+        chunk = self.chunks[self._next]
         if len(output) < len(chunk.frames):
             raise ValueError(f"chunk {self._next} needs {len(chunk.frames)} frames, got {len(output)}")
         frames = output[chunk.out_start - chunk.start: len(chunk.frames)]  # drop the anchor and the padding

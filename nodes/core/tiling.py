@@ -1,6 +1,6 @@
-"""Tile plans and feather weights, shared by the VAE decode (pixels) and the DiT spatial tiler (latents).
+"""Tile grids and feather weights, shared by the VAE decode (pixels) and the DiT spatial tiler (latents).
 
-A plan covers [0, size) with tiles of a fixed length whose neighbours overlap by at least the requested amount.
+A grid covers [0, size) with tiles of a fixed length whose neighbours overlap by at least the requested amount.
 Each tile is weighted by a raised-cosine ramp across the part it shares with a neighbour, 1 elsewhere; the
 blend divides by the summed weights, so any overlap pattern reproduces a constant exactly.
 """
@@ -32,19 +32,24 @@ class Span:
         return Span(self.start * factor, self.stop * factor, self.ramp_before * factor, self.ramp_after * factor)
 
 
-def tile_starts(size, tile, overlap):
-    """Evenly spaced starts: first tile at 0, last flush with `size`, neighbours sharing >= `overlap`."""
+def tiles_along(size, tile, overlap):
+    """How many tiles cover [0, size): the fewest whose neighbours can share >= `overlap`."""
     if tile <= 0 or not 0 <= overlap < tile:
         raise ValueError(f"need 0 <= overlap < tile, got tile {tile} and overlap {overlap}")
-    if size <= tile:
+    return 1 if size <= tile else math.ceil((size - overlap) / (tile - overlap))
+
+
+def tile_starts(size, tile, overlap):
+    """Evenly spaced starts: first tile at 0, last flush with `size`, neighbours sharing >= `overlap`."""
+    count = tiles_along(size, tile, overlap)
+    if count == 1:
         return [0]
-    count = math.ceil((size - overlap) / (tile - overlap))
     # Integer spacing never exceeds tile - overlap, because the exact spacing (size - tile)/(count - 1) does not.
     return [index * (size - tile) // (count - 1) for index in range(count)]
 
 
 def tile_spans(size, tile, overlap):
-    """The plan along one axis; ramps cover the whole shared part, and none on the borders of the range."""
+    """The spans along one axis; ramps cover the whole shared part, and none on the borders of the range."""
     starts = tile_starts(size, tile, overlap)
     stops = [min(start + tile, size) for start in starts]
     return [
@@ -59,7 +64,7 @@ def tile_spans(size, tile, overlap):
 
 
 def tile_grid(height, width, tile, overlap):
-    """All (row span, column span) pairs of a 2-D plan, row-major."""
+    """All (row span, column span) pairs of a 2-D grid, row-major."""
     return [(rows, cols) for rows in tile_spans(height, tile, overlap) for cols in tile_spans(width, tile, overlap)]
 
 
@@ -82,7 +87,7 @@ def _raised_cosine(length):
 
 
 def feather_window(rows, cols, dtype=torch.float32):
-    """2-D weights `[rows.length, cols.length]` for one tile of a plan."""
+    """2-D weights `[rows.length, cols.length]` for one tile of a grid."""
     row_weights = feather_ramp(rows.length, rows.ramp_before, rows.ramp_after, dtype)
     col_weights = feather_ramp(cols.length, cols.ramp_before, cols.ramp_after, dtype)
     return torch.outer(row_weights, col_weights)
