@@ -73,9 +73,9 @@ class LiteVSRSampler(io.ComfyNode):
         tile, overlap = dit_tiles(model, tile_size, tile_overlap, lr_latent.shape[-2:])
         denoise = dit_denoiser(model, tile, overlap)
         device = model.load_device
-        node_id, eta, stride = getattr(cls.hidden, "unique_id", None), Eta(0), signature.vae_stride
-        settings = {"steps": steps, "start": start, "dit_tile": [tile[1] * stride, tile[0] * stride],
-                    "dit_overlap": [overlap[1] * stride, overlap[0] * stride],
+        node_id, eta = getattr(cls.hidden, "unique_id", None), Eta(0)
+        settings = {"steps": steps, "start": start, "dit_tile": signature.width_height_px(tile),
+                    "dit_overlap": signature.width_height_px(overlap),
                     "dit_tiled": tile[0] < lr_latent.shape[-2] or tile[1] < lr_latent.shape[-1]}
 
         def on_step(done, total):

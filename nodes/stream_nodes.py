@@ -27,7 +27,8 @@ def source_path(video):
     if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
         raise ValueError("Upscale Video File needs a video loaded from a file (Load Video); this VIDEO lives in "
                          "memory. Save it first, or use the short-clip nodes.")
-    # newer ComfyUI (0.33 has it): Video Slice returns the same file with a trim window, which reading the file would ignore
+    # newer ComfyUI (0.33 has it): Video Slice returns the same file with a trim window, which reading the file
+    # would ignore
     start, duration = getattr(video, "get_active_trim_window", lambda: (0.0, 0.0))()
     if start or duration:
         raise ValueError(f"This VIDEO is a trimmed view of its file (start {start:g} s, duration {duration:g} s, from "
@@ -48,11 +49,10 @@ def check_output_prefix(filename_prefix):
 
 def plan_summary(sizes, overlap, chunks=None, cuts=None):
     """The settings the run uses, for the front end's status line (`litevsr.progress` "plan")."""
-    stride = sizes.signature.vae_stride
     tile_h, tile_w = sizes.decode_tile_hw_px
     summary = {"width": sizes.out_w, "height": sizes.out_h, "frames": sizes.num_frames,
                "chunk_frames": min(sizes.chunk_frames, sizes.num_frames), "overlap_frames": overlap,
-               "dit_tile": [sizes.dit_tile[1] * stride, sizes.dit_tile[0] * stride], "dit_tiled": sizes.dit_tiled,
+               "dit_tile": sizes.signature.width_height_px(sizes.dit_tile), "dit_tiled": sizes.dit_tiled,
                "decode_tile": sizes.decode_tile, "decode_tiled": sizes.decode_tiled,
                "decode_tile_hw": [tile_w, tile_h], "auto": list(sizes.auto), "warnings": list(sizes.warnings)}
     if chunks is not None:

@@ -25,6 +25,10 @@ class BackboneSignature:
     def grid_px(self):
         return token_px(self.vae_stride, self.patch_size)
 
+    def width_height_px(self, latent_hw):
+        """[width, height] in pixels of an (h, w) size in latents, the order the front end shows sizes in."""
+        return [latent_hw[1] * self.vae_stride, latent_hw[0] * self.vae_stride]
+
     def describe(self):
         return (f"{self.family} DiT (dim {self.dim}, {self.num_layers} blocks, {self.num_heads} heads, "
                 f"{self.latent_channels} latent channels, patch {'x'.join(map(str, self.patch_size))})")
