@@ -109,14 +109,14 @@ export const RULES = [
       `${onGrid(c) - TEMPORAL_STRIDE} and ${onGrid(c)}` : null,
   },
   {
-    node: "LiteVSRVideoDataset", widgets: ["width", "height"], python: "trainer.py check_clip_geometry",
+    node: "LiteVSRVideoDataset", widgets: ["width", "height"], python: "training_run.py check_clip_geometry",
     check: ({ width: w, height: h }) => isNum(w) && isNum(h) && (w % MIN_GRID_PX || h % MIN_GRID_PX) ?
       `training crop ${w}x${h} must be a multiple of ${MIN_GRID_PX} px (32 px for Wan2.2 TI2V-5B); e.g. ` +
       `${w - (w % MIN_GRID_PX) || MIN_GRID_PX}x${h - (h % MIN_GRID_PX) || MIN_GRID_PX}` : null,
   },
   {
     node: "LiteVSRTrainAdapter", upstream: { dataset: ["width", "height"], degradation: ["scale"] },
-    python: "trainer.py check_clip_geometry",
+    python: "training_run.py check_clip_geometry",
     check: ({ dataset, degradation }) => {
       const w = dataset?.width, h = dataset?.height, s = degradation?.scale;
       return isNum(w) && isNum(h) && isNum(s) && s > 0 && (w % s || h % s) ?

@@ -21,7 +21,7 @@ from .core.training import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, TrainConfig
 from .extension_paths import ADAPTER_FOLDER, TRAINING_OUTPUT
 from .model_nodes import adapter_choice_inputs
 from .progress import Eta, send_progress
-from .trainer import PRECISIONS, Hooks, RunSettings, train_adapter
+from .training_run import PRECISIONS, Hooks, RunSettings, train_adapter
 
 DATASET = io.Custom("LITEVSR_DATASET")
 DEGRADATION = io.Custom("LITEVSR_DEGRADATION")

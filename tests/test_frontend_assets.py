@@ -20,7 +20,7 @@ from comfyui_litevsr.nodes.core import decode as core_decode
 from comfyui_litevsr.nodes.core import dit_tiling, memory_plan
 from comfyui_litevsr.nodes.core.dataset import VideoClipDataset, check_clip_frames
 from comfyui_litevsr.nodes.core.degrade import DegradationConfig, with_overrides
-from comfyui_litevsr.nodes.trainer import check_clip_geometry
+from comfyui_litevsr.nodes.training_run import check_clip_geometry
 from helpers import format_eta
 
 JS = workflows.REPO / "js"

@@ -10,7 +10,7 @@ from comfyui_litevsr.nodes.core.adapter_file import read_adapter_config
 from comfyui_litevsr.nodes.core.degrade import degrade_clip, with_overrides
 from comfyui_litevsr.nodes.backbone import backbone_signature
 from comfyui_litevsr.nodes.train_nodes import LiteVSRDegradation, LiteVSRSaveAdapter, LiteVSRVideoDataset
-from comfyui_litevsr.nodes.trainer import train_adapter
+from comfyui_litevsr.nodes.training_run import train_adapter
 
 
 def run(node, *args):

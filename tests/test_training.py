@@ -20,7 +20,7 @@ from comfyui_litevsr.nodes.core.sampling import flow_sigmas, sample_vsr
 from comfyui_litevsr.nodes.core.training import TrainConfig
 from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter
 from comfyui_litevsr.nodes.pipeline import lr_encoder
-from comfyui_litevsr.nodes.trainer import Hooks, RunSettings, train_adapter
+from comfyui_litevsr.nodes.training_run import Hooks, RunSettings, train_adapter
 from tools import demo as demo_tool
 from tools import tiny_models
 
@@ -170,7 +170,7 @@ KILLED_RUN = textwrap.dedent("""
     from comfyui_litevsr.nodes.core.training import TrainConfig
     from comfyui_litevsr.nodes.adapters import new_adapter
     from comfyui_litevsr.nodes.backbone import backbone_signature
-    from comfyui_litevsr.nodes.trainer import Hooks, RunSettings, train_adapter
+    from comfyui_litevsr.nodes.training_run import Hooks, RunSettings, train_adapter
 
     writes = []
     def dying_save_file(tensors, path, metadata=None):

@@ -9,7 +9,7 @@ import torch
 import comfy.model_management
 from comfyui_litevsr.nodes import training_mode
 from comfyui_litevsr.nodes.core.training import TrainConfig
-from comfyui_litevsr.nodes.trainer import Hooks, RunSettings, train_adapter
+from comfyui_litevsr.nodes.training_run import Hooks, RunSettings, train_adapter
 from test_training import SCALE, datasets, fresh, models, clip_folders  # noqa: F401  (module fixtures)
 
 HAS_SWITCH = hasattr(comfy.model_management, "in_training")

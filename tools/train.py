@@ -8,7 +8,7 @@
     python -m tools.train --data videos/ --out a.safetensors --steps 20 --stand-ins   # tiny random-weight models
     torchrun --nproc_per_node=K -m tools.train ... --batch-size B    # K data-parallel processes
 
-The run is the one the "Train State-Aware Adapter" node runs (nodes/trainer.py train_adapter): the DiT and VAE are
+The run is the one the "Train State-Aware Adapter" node runs (nodes/training_run.py train_adapter): the DiT and VAE are
 loaded as ComfyUI's stock "Load Diffusion Model" and "Load VAE" nodes load them and stay frozen, HR clips from
 --data are degraded on the fly (--preset), and only the adapter is trained. Checkpoints (adapter + optimizer state)
 go to `<OUT>.checkpoints/` beside OUT, at the end and every --checkpoint-every steps; --resume continues from the
@@ -179,7 +179,7 @@ def check_checkpoints(folder, resume, record, ranks):
 def progress_hooks(ranks, every):
     """Loss lines (rank 0), and Ctrl-C as Cancel in the UI: the run stops after the current step, checkpointed first
     (train_adapter does that on an interrupt); a second Ctrl-C stops at once."""
-    from comfyui_litevsr.nodes.trainer import Hooks
+    from comfyui_litevsr.nodes.training_run import Hooks
 
     class Progress(Hooks):
         last = None  # (step, time) the step time is measured from: the last line printed
@@ -230,7 +230,7 @@ def run(args, ranks):
     from comfyui_litevsr.nodes.core.dataset import VideoClipDataset
     from comfyui_litevsr.nodes.core.degrade import DegradationConfig
     from comfyui_litevsr.nodes.core.training import World
-    from comfyui_litevsr.nodes.trainer import RunSettings, train_adapter
+    from comfyui_litevsr.nodes.training_run import RunSettings, train_adapter
 
     t0 = time.monotonic()
     out = Path(args.out).resolve()

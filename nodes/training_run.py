@@ -18,7 +18,7 @@ from .backbone import attach_adapter, backbone_signature, make_denoiser
 from .core.adapter import StateAwareAdapter
 from .core.checkpoint import load_checkpoint, resume_step, save_checkpoint
 from .core.geometry import TEXT_TOKENS
-from .core.training import AdapterTrainer, PairMaker, World, validation_loss, validation_set
+from .core.training import AdapterTrainer, PairMaker, World, validation_loss, validation_set, velocity_loss
 from .pipeline import lr_encoder
 from .training_mode import TrainingUnsupported, comfy_training_mode
 
@@ -124,8 +124,9 @@ def _starting_point(adapter, context, settings, signature, steps):
 
 
 def train_adapter(model, vae, dataset, degradation, scale, config, adapter, context=None, settings=None,
-                  validation_dataset=None, world=None, hooks=None):
-    """Trains a copy of `adapter` on the frozen `model`; returns a RunResult. Only the adapter's tensors change."""
+                  validation_dataset=None, world=None, hooks=None, objective=velocity_loss):
+    """Trains a copy of `adapter` on the frozen `model`; returns a RunResult. Only the adapter's tensors change.
+    `objective`: the loss per sample (core/training.py; the velocity loss unless a caller brings another)."""
     settings, world, hooks = settings or RunSettings(), world or World(), hooks or Hooks()
     signature = backbone_signature(model)
     check_clip_geometry(dataset, scale, signature)
@@ -152,7 +153,7 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
 
         pairs = PairMaker(dataset, degradation, scale, encode, config)
         trainer = AdapterTrainer(adapter, denoise, pairs, config, device, world,
-                                 autocast_dtype(torch.device(device), settings.precision))
+                                 autocast_dtype(torch.device(device), settings.precision), objective)
         if resume_state is not None:
             trainer.load_state(resume_state[1], resume_state[2])
         validation = PairMaker(validation_dataset or dataset, degradation, scale, encode, config)
@@ -160,7 +161,7 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
         history = []
 
         def validate():
-            loss = validation_loss(denoise, samples, config, device)
+            loss = validation_loss(denoise, samples, config, device, objective)
             history.append((trainer.step_count, loss))
             hooks.on_validation(trainer.step_count, loss, denoise, samples)
 
