@@ -119,6 +119,7 @@ def test_peak_memory_probe_measures_each_allocation():
         assert 0.97 * 256 <= peak / 2 ** 20 <= 1.1 * 256, peaks
 
 
+@pytest.mark.slow
 def test_harness_runs_every_section_at_small_sizes(tmp_path):
     out = tmp_path / "results" / "latest.json"
     command = [sys.executable, "-m", "bench.run", "--sections", "adapter_overhead,decode,e2e,gpu",

@@ -107,6 +107,7 @@ def test_missing_node_check_is_not_vacuous(page):
     page.check_console("loading a graph with an unknown node type")
 
 
+@pytest.mark.slow
 def test_upscale_example_runs_from_ui_and_shows_compare(page, capsys):
     driver = page.driver
     page.load_template(UPSCALE_EXAMPLE.stem)

@@ -104,6 +104,7 @@ def test_failed_sanity_row_stops_with_the_expected_values(tmp_path, monkeypatch,
     assert "Sanity FAILED" in (tmp_path / "eval.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_eval_end_to_end_with_stand_ins(tmp_path):
     # 354x210: not a multiple of 4 (centre-cropped to 352x208), still over NIQE's 192 px

@@ -44,6 +44,7 @@ def decoded(path):
     return frames, rate, audio, packets
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, clip):
     single_out, shared_out, exchange = tmp_path / "one" / "out.mp4", tmp_path / "two" / "out.mp4", tmp_path / "xchg"
     single = run([sys.executable, *UPSCALE, "--input", clip, "--output", single_out, *SETTINGS], tmp_path / "one.log")

@@ -74,6 +74,7 @@ def update_differences(trained, other, initial):
     return relative, absolute
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path, data):
     one, two, alone = tmp_path / "one.safetensors", tmp_path / "two.safetensors", tmp_path / "alone.safetensors"
     train(data, one, "--steps", 4, "--batch-size", 2)
@@ -122,6 +123,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, data):
     assert min(control.values()) > 0.1
 
 
+@pytest.mark.slow
 def test_make_train_resumes_where_a_straight_run_ends(tmp_path, data):
     out, straight = tmp_path / "resumed.safetensors", tmp_path / "straight.safetensors"
     make = ["make", "-s", "train", f"DATA={data}", f"OUT={out}", f"TRAIN_ARGS={' '.join(SETTINGS)}"]

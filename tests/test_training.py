@@ -95,6 +95,7 @@ def converged(models, clip_folders):
     return result, before, after
 
 
+@pytest.mark.slow
 def test_200_steps_bring_held_out_validation_loss_below_0_6x(converged):
     result, _, _ = converged
     (first_step, initial), *_, (last_step, final) = result.validation
@@ -142,6 +143,7 @@ def test_trained_adapter_file_changes_the_upscale(converged, models, clip_folder
     assert errors["trained"] < 0.5 * errors["zero-init"]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(models, clip_folders, tmp_path):
     """20 straight steps == 10 steps, checkpoint, resume, 10 more (same seed), on every adapter tensor."""
     config = TrainConfig(steps=20, learning_rate=1e-3, grad_accumulation=2, max_unrolls=3, seed=3)
