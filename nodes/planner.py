@@ -1,16 +1,10 @@
-"""The memory planner with ComfyUI's view of free memory, and a per-chunk OOM retry for the streaming node.
+"""The memory planner with ComfyUI's view of free memory, and ComfyUI's out-of-memory exception.
 
 A plan here is core/memory_plan.py's: the chunk and tile sizes chosen for a run with their estimates."""
-import logging
-
 import comfy.model_management
 
 from .core import memory_plan, oom
-from .core.dit_tiling import default_overlap, patch_multiple
 from .core.host_memory import host_available_bytes
-
-log = logging.getLogger("LiteVSR")
-DECODE_OVERLAP_PX = 64
 
 
 def is_oom(exc):
@@ -33,28 +27,3 @@ def plan_for_video(model, signature, num_frames, out_h, out_w, chunk_frames=0, d
     options = memory_plan.PlanOptions(dtype_bytes=dtype_bytes, overlap_frames=overlap_frames, stream_output=True)
     return memory_plan.plan(signature, out_h, out_w, num_frames, budget,
                             host_available_bytes() // processes_per_host, requested, options)
-
-
-def decode_overlap(plan):
-    """Decode tile overlap in px: 64 px, less for tiny tiles, on the VAE stride."""
-    stride = plan.signature.vae_stride
-    return min(DECODE_OVERLAP_PX, plan.decode_tile // 4 // stride * stride)
-
-
-def dit_overlap(plan):
-    return default_overlap(plan.dit_tile, patch_multiple(plan.signature))
-
-
-def retrying(process_for_plan, plan):
-    """process(frames, first_frame, known) that runs `process_for_plan(plan)` and, on running out of memory in
-    the DiT or the decode, halves that stage's tile and redoes the chunk; later chunks keep the sizes that
-    worked. (The chunk length is fixed once streaming has started.)"""
-    state = {"plan": plan}
-
-    def process(frames, first_frame, known):
-        result, state["plan"] = oom.run_with_oom_retry(
-            lambda current: process_for_plan(current)(frames, first_frame, known), state["plan"], is_oom=is_oom,
-            on_retry=log.warning)
-        return result
-
-    return process

@@ -1,19 +1,50 @@
-"""One streaming upscale, file to file: memory plan, scene cuts, chunk plan, the chunks with carried state and an
+"""One streaming upscale, file to file: memory plan, scene cuts, the chunks with carried state and an
 out-of-memory retry, and the writer. The Upscale Video File node and tools/upscale.py both run it, with their own
 callbacks (progress, interrupts, taps on the frames) and, under torchrun, this process's `Share` of the video."""
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from .backbone import backbone_signature
+from .core import oom
 from .core.distributed import rank_ranges, upscale_shared
+from .core.dit_tiling import default_overlap, patch_multiple
 from .core.sampling import flow_sigmas
 from .core.stream import VSRPipeline, upscale_chunks
 from .core.temporal import SceneCutDetector, split_chunks
 from .core.video_io import VideoWriter
 from .pipeline import check_vae, dit_denoiser, grid_px, hr_decoder, lr_encoder
-from .planner import decode_overlap, dit_overlap, plan_for_video, retrying
+from .planner import is_oom, plan_for_video
+
+log = logging.getLogger("LiteVSR")
+DECODE_OVERLAP_PX = 64
+
+
+def decode_overlap(plan):
+    """Decode tile overlap in px: 64 px, less for tiny tiles, on the VAE stride."""
+    stride = plan.signature.vae_stride
+    return min(DECODE_OVERLAP_PX, plan.decode_tile // 4 // stride * stride)
+
+
+def dit_overlap(plan):
+    return default_overlap(plan.dit_tile, patch_multiple(plan.signature))
+
+
+def retrying(process_for_plan, plan):
+    """process(frames, first_frame, known) that runs `process_for_plan(plan)` and, on running out of memory in
+    the DiT or the decode, halves that stage's tile and redoes the chunk; later chunks keep the sizes that
+    worked. (The chunk length is fixed once streaming has started.)"""
+    state = {"plan": plan}
+
+    def process(frames, first_frame, known):
+        result, state["plan"] = oom.run_with_oom_retry(
+            lambda current: process_for_plan(current)(frames, first_frame, known), state["plan"], is_oom=is_oom,
+            on_retry=log.warning)
+        return result
+
+    return process
 
 
 def _nothing(*_):
