@@ -96,7 +96,8 @@ export const RULES = [
       `overlap_frames must be a multiple of ${TEMPORAL_STRIDE}, got ${o}` : null,
   },
   {
-    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames", "overlap_frames"], python: "core/memory_plan.py check_chunk",
+    node: "LiteVSRUpscaleVideoFile", widgets: ["chunk_frames", "overlap_frames"],
+    python: "core/memory_plan.py check_chunk",
     check: ({ chunk_frames: c, overlap_frames: o }) => isChunk(c) && isNum(o) && o % TEMPORAL_STRIDE === 0 &&
       c - 1 - o < TEMPORAL_STRIDE ?
       `chunk_frames ${c} leaves no new frames with an overlap of ${o} (the overlap must be at most ` +

@@ -34,8 +34,13 @@ def adapter_from_choice(signature, adapter, injection, rank, seed=0):
     return adapter_from_file(signature, path, injection, rank, seed)
 
 
+def empty_context(signature):
+    """The text context used when neither a text encoder nor the adapter file gives one: all zeros."""
+    return torch.zeros(1, TEXT_TOKENS, signature.text_dim)
+
+
 def with_adapter(model, module, context):
-    """A clone of `model` with `module` attached; no text `context` means an all-zero one (no text encoder)."""
+    """A clone of `model` with `module` attached; no text `context` means `empty_context` (no text encoder)."""
     if context is None:
-        context = torch.zeros(1, TEXT_TOKENS, backbone_signature(model).text_dim)
+        context = empty_context(backbone_signature(model))
     return attach_adapter(model, module, context)

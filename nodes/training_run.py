@@ -14,10 +14,10 @@ import torch
 import comfy.model_management
 import comfy.utils
 
+from .adapters import empty_context
 from .backbone import attach_adapter, backbone_signature, make_denoiser
 from .core.adapter import StateAwareAdapter
 from .core.checkpoint import load_checkpoint, resume_step, save_checkpoint
-from .core.geometry import TEXT_TOKENS
 from .core.training import AdapterTrainer, PairMaker, World, validation_loss, validation_set, velocity_loss
 from .pipeline import lr_encoder
 from .training_mode import TrainingUnsupported, comfy_training_mode
@@ -134,7 +134,7 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
         check_clip_geometry(validation_dataset, scale, signature, role="validation")
     with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
         if context is None:
-            context = torch.zeros(1, TEXT_TOKENS, signature.text_dim)
+            context = empty_context(signature)
         adapter, context, resume_state = _starting_point(adapter, context.clone(), settings, signature,
                                                               config.steps)
         backbone = frozen_backbone(model)

@@ -100,7 +100,8 @@ def test_readme_prints_the_latest_figures():
     results = json.loads(LATEST.read_text())
     text = (REPO / "README.md").read_text()
     block = text[text.index(bench.README_BEGIN) + len(bench.README_BEGIN):text.index(bench.README_END)]
-    assert block.strip() == bench.readme_table(results).strip(), "run `python -m bench.run --sections '' --readme` (make bench does)"
+    assert block.strip() == bench.readme_table(results).strip(), \
+        "run `python -m bench.run --sections '' --readme` (make bench does)"
 
 
 def test_peak_memory_probe_measures_each_allocation():
