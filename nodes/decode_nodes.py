@@ -4,8 +4,9 @@ import comfy.utils
 from comfy_api.latest import io
 
 from .core.colour import METHODS, correct_colour
-from .core.decode import tile_count, tiled_decode
+from .core.decode import tile_count
 from .core.frames import crop_to
+from .decoders import decode_tiled
 from .latents import vsr_info
 from .progress import Eta, send_progress
 
@@ -22,7 +23,10 @@ class LiteVSRTiledDecode(io.ComfyNode):
                         "(Tiled) on long clips). Tiles are feathered together and the result is cropped to "
                         "exactly the frame count and size recorded by Encode LR Video (LiteVSR).",
             inputs=[
-                io.Vae.Input("vae", tooltip="The same Wan VAE used by Encode LR Video (LiteVSR)."),
+                io.Vae.Input("vae", tooltip="The VAE that decodes: the Wan VAE used by Encode LR Video (LiteVSR), or "
+                                            "a faster decoder of the same latents from Load VAE: taew2_1 / "
+                                            "lighttaew2_1 / lightvaew2_1 for Wan2.1, taew2_2 / lighttaew2_2 for "
+                                            "Wan2.2 (README: which decoder to pick)."),
                 io.Latent.Input("latent", tooltip="The upscaled latent from the VSR sampler; it must come from "
                                                   "Encode LR Video (LiteVSR)."),
                 io.Int.Input("tile_size", default=512, min=64, max=4096, step=16,
@@ -50,7 +54,7 @@ class LiteVSRTiledDecode(io.ComfyNode):
             send_progress(node_id, "decode", done, total, eta(done, total), settings)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        frames = tiled_decode(samples, lambda tile: vae.decode(tile)[0], stride, tile_size, overlap, on_tile)
+        frames = decode_tiled(vae, samples, tile_size, overlap, on_tile)
         return io.NodeOutput(crop_to(frames, metadata["frames"], metadata["height"], metadata["width"]))
 
 

@@ -5,9 +5,9 @@ run the same code."""
 import comfy.model_management
 
 from .backbone import backbone_signature, make_denoiser
-from .core.decode import tiled_decode
 from .core.dit_tiling import default_overlap, latent_tiling, patch_multiple, tiled_denoiser, training_tile
 from .core.geometry import WAN_PATCH
+from .decoders import decode_tiled
 
 
 def check_interrupt(*_):
@@ -37,11 +37,11 @@ def lr_encoder(vae, model):
 
 
 def hr_decoder(vae, model, tile_px, overlap_px, on_tile=check_interrupt):
-    """Clean latent in the model's space -> CPU float32 frames, in spatial tiles with one causal pass over time."""
+    """Clean latent in the model's space -> CPU float32 frames, decoded by `vae` (the Wan VAE or a tiny Wan
+    decoder) in spatial tiles with one causal pass over time."""
     base = model.model
-    stride = vae.spacial_compression_decode()
-    return lambda latent: tiled_decode(base.process_latent_out(latent.float().cpu()), lambda z: vae.decode(z)[0],
-                                       stride, tile_px, overlap_px, on_tile)
+    return lambda latent: decode_tiled(vae, base.process_latent_out(latent.float().cpu()), tile_px, overlap_px,
+                                       on_tile)
 
 
 def dit_tiles(model, tile_px=0, overlap_px=0, latent_hw=None):

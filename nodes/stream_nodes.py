@@ -141,7 +141,12 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
                         "frame rate and audio are kept. The file appears under its final name only when complete.",
             inputs=[
                 io.Model.Input("model", tooltip="The Wan DiT with an adapter from 'Attach State-Aware Adapter'."),
-                io.Vae.Input("vae", tooltip="The Wan VAE matching the DiT."),
+                io.Vae.Input("vae", tooltip="The Wan VAE matching the DiT: it encodes the LR frames, and decodes "
+                                            "unless a decoder is plugged in."),
+                io.Vae.Input("decoder", optional=True,
+                             tooltip="Optional faster decoder of the same latents, from Load VAE: taew2_1 / "
+                                     "lighttaew2_1 / lightvaew2_1 for Wan2.1, taew2_2 / lighttaew2_2 for Wan2.2. "
+                                     "Encoding stays on the Wan VAE (README: which decoder to pick)."),
                 io.Video.Input("video", tooltip="The LR video, from Load Video (read from its file as it goes)."),
                 io.String.Input("filename_prefix", default="LiteVSR/upscaled",
                                 tooltip="Output name inside ComfyUI's output folder; a counter and .mp4 are added."),
@@ -178,13 +183,13 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, video, filename_prefix, scale, seed, steps, shift, start, start_sigma,
                 chunk_frames, overlap_frames, scene_cut_threshold, dit_tile, decode_tile, colour,
-                crf) -> io.NodeOutput:
+                crf, decoder=None) -> io.NodeOutput:
         check_output_prefix(filename_prefix)
         options = StreamOptions(scale=scale, steps=steps, shift=shift, start=start, start_sigma=start_sigma, seed=seed,
                                 chunk_frames=chunk_frames, overlap_frames=overlap_frames,
                                 scene_cut_threshold=scene_cut_threshold, dit_tile=dit_tile, decode_tile=decode_tile,
                                 colour=colour, crf=crf)
-        job = StreamUpscale(model, vae, VideoReader(source_path(video)), options)
+        job = StreamUpscale(model, vae, VideoReader(source_path(video)), options, decoder=decoder)
         (log.warning if job.sizes.warnings else log.info)("%s", job.sizes.describe())
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory(), job.out_w, job.out_h)

@@ -15,6 +15,7 @@ from .core.sampling import flow_sigmas
 from .core.stream import VSRPipeline, upscale_chunks
 from .core.temporal import SceneCutDetector, split_chunks
 from .core.video_io import VideoWriter
+from .decoders import check_decoder
 from .pipeline import check_vae, dit_denoiser, grid_px, hr_decoder, lr_encoder
 from .planner import is_oom, plan_for_video
 
@@ -107,13 +108,16 @@ def stream_overlap(sizes, num_frames, overlap_frames):
 
 
 class StreamUpscale:
-    """Upscales the video `reader` reads with `model` (adapter attached) and `vae`. Construction checks the VAE and
+    """Upscales the video `reader` reads with `model` (adapter attached) and `vae` (`decoder`, when given, decodes
+    instead: a tiny or light Wan decoder of the same latents). Construction checks the VAEs and
     plans the sizes (`sizes`, output `out_w` x `out_h`); `run` does the rest. Callbacks read the state from here:
     `sizes` and `overlap` (planned), `cuts`, `chunks` and `own` (this process's chunk indices) once planned,
     `in_use` (the sizes of the latest chunk: an out-of-memory retry shrinks them)."""
 
-    def __init__(self, model, vae, reader, options, share=Share()):
+    def __init__(self, model, vae, reader, options, share=Share(), decoder=None):
         check_vae(vae, model)
+        self.decoder = decoder or vae  # a faster decoder of the same latents, for decoding only
+        check_decoder(self.decoder, vae.latent_channels)
         self.model, self.vae, self.reader, self.options, self.share = model, vae, reader, options, share
         self.out_h, self.out_w = options.scale * reader.height, options.scale * reader.width
         self._plan_sizes(plan_for_video(model, backbone_signature(model), reader.frame_count, self.out_h,
@@ -153,7 +157,7 @@ class StreamUpscale:
             self.in_use = sizes
             return VSRPipeline(lr_encoder(self.vae, self.model),
                                dit_denoiser(self.model, sizes.dit_tile, dit_overlap(sizes), check_interrupt),
-                               hr_decoder(self.vae, self.model, sizes.decode_tile, decode_overlap(sizes),
+                               hr_decoder(self.decoder, self.model, sizes.decode_tile, decode_overlap(sizes),
                                           check_interrupt),
                                grid_px(self.vae), options.scale, sigmas, options.start, options.seed,
                                options.colour).process

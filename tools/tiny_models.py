@@ -90,6 +90,36 @@ def save_tiny_wan21_vae(path, **kwargs):
     return path
 
 
+# The tiny Wan decoders (TAEHV architecture, comfy/taesd/taehv.py) under the names and in the dtypes they are
+# published in, with the ComfyUI models/ folder the stock Load VAE reads each from: what ComfyUI makes of a file
+# depends on all three (a 16-channel fp16 file is taken for HunyuanVideo's taehv, see nodes/decoders.py).
+TINY_DECODERS = {  # file name -> (folder, latent channels, dtype)
+    "taew2_1.safetensors": ("vae", 16, torch.float16),
+    "lighttaew2_1.safetensors": ("vae_approx", 16, torch.bfloat16),
+    "taew2_2.safetensors": ("vae", 48, torch.float16),
+    "lighttaew2_2.safetensors": ("vae_approx", 48, torch.bfloat16),
+}
+
+
+def tiny_decoder_state_dict(latent_channels=16, dtype=torch.float16, seed=0):
+    """State dict (encoder and decoder, as the published files hold both) of a TAEHV tiny autoencoder for
+    `latent_channels`-channel Wan latents: the real architecture and size (11 M parameters), random weights."""
+    from comfy.taesd.taehv import TAEHV
+
+    model = TAEHV(latent_channels=latent_channels)
+    init_(model, seed)
+    return {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+
+
+def save_tiny_decoder(models_dir, name, seed=0):
+    """Writes the stand-in for tiny decoder `name` (a TINY_DECODERS key) to `models_dir/<folder>/<name>`."""
+    folder, channels, dtype = TINY_DECODERS[name]
+    path = Path(models_dir, folder, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_decoder_state_dict(channels, dtype, seed), str(path))
+    return path
+
+
 def save_stand_ins(dit_path, vae_path, dit_dim=256, head_std=None):
     """The stand-ins the tools run on without real models: a 2-block Wan2.1 DiT `dit_dim` wide and a Wan2.1 VAE 8 wide,
     saved (their folders made). Returns both paths."""
