@@ -25,6 +25,14 @@ def tiny_decoder_class():
     return TAEHV
 
 
+def tiny_decoder_support():
+    """None where this ComfyUI loads tiny Wan decoders, else the one line that says what to do."""
+    if tiny_decoder_class() is None:
+        return ("This ComfyUI cannot load tiny Wan decoders (taew2_1, lighttaew2_1, ...: it has no "
+                "comfy/taesd/taehv.py): update ComfyUI, or decode with the Wan VAE.")
+    return None
+
+
 def is_tiny_decoder(vae):
     tiny = tiny_decoder_class()
     return tiny is not None and isinstance(vae.first_stage_model, tiny)
