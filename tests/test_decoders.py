@@ -2,8 +2,10 @@
 unscaled even where ComfyUI's loader would scale it, frame counts and sizes equal the Wan VAE's, the VAE is
 loaded once per tiled decode, a decoder of other latents is refused, and tiled equals untiled wherever the
 decoder's receptive field fits inside one tile."""
+import subprocess
 import sys
 
+import av
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ import folder_paths
 import nodes as comfy_nodes
 from comfyui_litevsr.nodes import decoders
 from comfyui_litevsr.nodes.core.tiling import tile_spans
+from conftest import REPO
+from tools import demo as demo_tool
 from tools import tiny_models
 
 
@@ -143,3 +147,19 @@ def test_tiled_equals_untiled_outside_the_shared_bands(models_dir):
     assert spans[0].stop - spans[1].start >= radius
     torch.testing.assert_close(tiled[:, :, alone], untiled[:, :, alone], rtol=1e-5, atol=1e-5)
     assert (tiled[:, :, shared] - untiled[:, :, shared]).abs().max() < 0.5
+
+
+def test_the_headless_upscale_decodes_with_the_given_decoder(models_dir, tmp_path):
+    """tools/upscale.py --decoder: the file is loaded as Load VAE loads it and decodes every chunk (its log says
+    so); the output keeps the frame count and is exactly scale x the input size."""
+    clip = demo_tool.make_clip(demo_tool.bigbuckbunny(), tmp_path / "clip.mp4", 9, 64, 36)
+    output = tmp_path / "out.mp4"
+    decoder = models_dir / "vae_approx" / "lighttaew2_1.safetensors"
+    done = subprocess.run([sys.executable, "-m", "tools.upscale", "--stand-ins", "--input", clip, "--output", output,
+                           "--scale", "2", "--decoder", decoder], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "tiny TAEHV decoder" in done.stdout
+    with av.open(str(output)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (72, 128, 3)

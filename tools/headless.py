@@ -102,10 +102,17 @@ def build_stand_ins(folder, dit_dim=256, head_std=None):
 def load_models(dit_path, vae_path):
     """As ComfyUI's stock UNETLoader and VAELoader load them."""
     import comfy.sd
+
+    return comfy.sd.load_diffusion_model(str(dit_path)), load_vae(vae_path)
+
+
+def load_vae(path):
+    """As ComfyUI's stock VAELoader loads a file (a Wan VAE, or a tiny / light Wan decoder)."""
+    import comfy.sd
     import comfy.utils
 
-    model = comfy.sd.load_diffusion_model(str(dit_path))
-    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_path)))
+    sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
+    vae = comfy.sd.VAE(sd=sd, metadata=metadata)
     if hasattr(vae, "throw_exception_if_invalid"):
         vae.throw_exception_if_invalid()
-    return model, vae
+    return vae

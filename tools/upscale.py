@@ -2,7 +2,7 @@
 
     python -m tools.upscale --input in.mp4 --output out.mp4 --dit wan_dit.safetensors --vae wan_vae.safetensors \
         [--adapter adapter.safetensors] [--scale 4] [--steps 1] [--seed 0] [--chunk-frames 0] [--overlap-frames 8] \
-        [--segment-chunks 0] [--cut-threshold 0.06] [--colour lab]
+        [--segment-chunks 0] [--cut-threshold 0.06] [--colour lab] [--decoder lighttaew2_1.safetensors]
     python -m tools.upscale --input in.mp4 --output out.mp4 --stand-ins      # tiny random-weight models
     torchrun --nproc_per_node=K -m tools.upscale ... --segment-chunks N       # K processes share the video
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tools import comfy_server
 from tools.headless import (Ranks, add_model_arguments, build_stand_ins, check_model_arguments, load_models,
-                            run_headless, stand_in_banner)
+                            load_vae, run_headless, stand_in_banner)
 
 STAND_IN_BANNER = stand_in_banner("--stand-ins")
 EXCHANGE_SUFFIX = ".litevsr-exchange"
@@ -39,6 +39,9 @@ def parse_args(argv=None):
     ap.add_argument("--input", required=True, help="LR video file")
     ap.add_argument("--output", required=True, help="output file (.mp4, .mkv, ...); written atomically")
     add_model_arguments(ap, "pipeline demonstration")
+    ap.add_argument("--decoder", default=None,
+                    help="a faster decoder of the same latents, as for Load VAE (taew2_1, lighttaew2_1, lightvaew2_1 "
+                         "for Wan2.1; taew2_2, lighttaew2_2 for Wan2.2); default: the Wan VAE decodes")
     ap.add_argument("--adapter", default=None, help="LiteVSR adapter file; default: a new zero-initialised adapter "
                                                     "(output = the bare backbone's)")
     ap.add_argument("--injection", default="direct", help="new adapter only: direct or shared_blocks")
@@ -146,6 +149,7 @@ def run(args, ranks, frames_to=None):
     from comfyui_litevsr.nodes.backbone import backbone_signature
     from comfyui_litevsr.nodes.core.temporal import DEFAULT_CUT_THRESHOLD
     from comfyui_litevsr.nodes.core.video_io import VideoReader
+    from comfyui_litevsr.nodes.decoders import describe
     from comfyui_litevsr.nodes.streaming import Share, StreamOptions, StreamUpscale
 
     t0 = time.monotonic()
@@ -158,10 +162,12 @@ def run(args, ranks, frames_to=None):
     with tempfile.TemporaryDirectory(prefix="litevsr-stand-ins-") as scratch:
         dit_path, vae_path = build_stand_ins(scratch) if args.stand_ins else (args.dit, args.vae)
         model, vae = load_models(dit_path, vae_path)
+    decoder = load_vae(args.decoder) if args.decoder else None
     model = with_adapter(model, *adapter_from_file(backbone_signature(model), args.adapter, args.injection,
                                                    args.adapter_rank))
     load_seconds = time.monotonic() - t0
-    ranks.say(f"models loaded in {load_seconds:.1f} s", everyone=ranks.shared)
+    ranks.say(f"models loaded in {load_seconds:.1f} s" + (f"; decoding with the {describe(decoder)}" if decoder else ""),
+              everyone=ranks.shared)
 
     options = StreamOptions(
         scale=args.scale, steps=args.steps, shift=args.shift, start=args.start, start_sigma=args.start_sigma,
@@ -173,7 +179,7 @@ def run(args, ranks, frames_to=None):
                   agree=lambda values: broadcast_ints(values, ranks),
                   failed=lambda: (exchange / f"{FAILED_MARK}{ranks.rank}").touch(),
                   is_alive=lambda: not any(exchange.glob(f"{FAILED_MARK}*")))
-    job = StreamUpscale(model, vae, reader, options, share)
+    job = StreamUpscale(model, vae, reader, options, share, decoder=decoder)
     if ranks.rank == 0 and ranks.shared:
         clear_exchange(exchange)
     digest = FrameDigest()
