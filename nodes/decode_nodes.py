@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from .core.colour import METHODS, correct_colour
 from .core.decode import tile_count
 from .core.frames import crop_to
-from .decoders import decode_tiled
+from .decoders import decode_tiled_fitting
 from .latents import vsr_info
 from .progress import Eta, send_progress
 
@@ -31,7 +31,8 @@ class LiteVSRTiledDecode(io.ComfyNode):
                                                   "Encode LR Video (LiteVSR)."),
                 io.Int.Input("tile_size", default=512, min=64, max=4096, step=16,
                              tooltip="Tile width and height in output pixels. Smaller tiles use less memory; "
-                                     "a clip that fits in one tile is decoded in one call."),
+                                     "a clip that fits in one tile is decoded in one call. On running out of "
+                                     "memory the tile is halved and the decode redone."),
                 io.Int.Input("overlap", default=64, min=0, max=2048, step=16,
                              tooltip="Pixels shared by neighbouring tiles, blended with a cosine ramp. More "
                                      "overlap hides seams better at the cost of extra decoding."),
@@ -54,7 +55,7 @@ class LiteVSRTiledDecode(io.ComfyNode):
             send_progress(node_id, "decode", done, total, eta(done, total), settings)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        frames = decode_tiled(vae, samples, tile_size, overlap, on_tile)
+        frames = decode_tiled_fitting(vae, samples, tile_size, overlap, on_tile)
         return io.NodeOutput(crop_to(frames, metadata["frames"], metadata["height"], metadata["width"]))
 
 

@@ -163,3 +163,33 @@ def test_the_headless_upscale_decodes_with_the_given_decoder(models_dir, tmp_pat
     with av.open(str(output)) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     assert len(frames) == 9 and frames[0].shape == (72, 128, 3)
+
+
+def test_tiled_decode_halves_the_tile_when_memory_runs_out(models_dir, monkeypatch, caplog):
+    """The Tiled Decode node's back-off: a decoder that runs out of memory on tiles over 16 latent px (fault
+    injected into the real TAEHV) is redone at half the tile; the frames are those of a decode at that tile. An
+    error that is not an OOM, and an OOM at the smallest tile, reach the user unchanged."""
+    vae = load_vae("lighttaew2_1.safetensors")
+    decode = vae.first_stage_model.decode
+
+    def small_tiles_only(latent, **kwargs):
+        if max(latent.shape[-2:]) > 16:
+            raise torch.OutOfMemoryError("injected: out of memory")
+        return decode(latent, **kwargs)
+
+    latent = random_latent(16, 2, 24, 24)
+    with torch.inference_mode():
+        expected = decoders.decode_tiled(vae, latent, 128, 32)
+        monkeypatch.setattr(vae.first_stage_model, "decode", small_tiles_only)
+        with caplog.at_level("WARNING", logger="LiteVSR"):
+            frames = decoders.decode_tiled_fitting(vae, latent, 512, 64)
+        torch.testing.assert_close(frames, expected, rtol=0, atol=0)
+        assert "retrying with 128 px" in caplog.text
+        for error in (ValueError("injected: not memory"), torch.OutOfMemoryError("injected: even the smallest")):
+            monkeypatch.setattr(vae.first_stage_model, "decode", lambda *a, error=error, **k: raise_(error))
+            with pytest.raises(type(error), match="injected"):
+                decoders.decode_tiled_fitting(vae, latent, 128, 32)
+
+
+def raise_(error):
+    raise error
