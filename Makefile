@@ -16,11 +16,12 @@
 #             [SAMPLE=33x320x180]  STREAM=1: the long-video example (streaming node, file to file) instead;
 #                                  SAMPLE: frames x width x height of the default input cut from bigbuckbunny
 #   make serve [PORT=8188] [MODELS_DIR=...]   the same ComfyUI with the pack, for a browser
-#   make upscale INPUT=clip.mp4 [OUTPUT=output/upscaled.mp4] [NPROC=2] [DIT=... VAE=...] [ADAPTER=file]
+#   make upscale INPUT=clip.mp4 [OUTPUT=output/upscaled.mp4] [NPROC=2] [DIT=... VAE=...] [DECODER=...] [ADAPTER=file]
 #                [SCALE=4] [STEPS=1] [CHUNK_FRAMES=0] [OVERLAP_FRAMES=8] [SEGMENT_CHUNKS=...] [UPSCALE_ARGS=...]
 #                                  file to file in this process (tools/upscale.py, no server); NPROC > 1 shares
 #                                  the chunks between torchrun processes (same output as one process run with the
-#                                  same SEGMENT_CHUNKS; default 0 for one process, 4 for several)
+#                                  same SEGMENT_CHUNKS; default 0 for one process, 4 for several); DECODER: a faster
+#                                  decoder of the same latents (lighttaew2_1, taew2_1, lightvaew2_1 ... file)
 #   make train DATA=videos/ OUT=adapter.safetensors STEPS=n [RESUME=1] [NPROC=1] [DIT=... VAE=...] [TRAIN_ARGS=...]
 #                                  train an adapter on the frozen DiT (tools/train.py, no server): checkpoints in
 #                                  OUT.checkpoints/, RESUME=1 continues from the newest, losses in OUT.log.json;
@@ -62,6 +63,7 @@ PYTEST_FLAGS ?= -q -p no:cacheprovider --timeout=600 -ra --durations=15
 NPROC    ?= 1
 DIT      ?=
 VAE      ?=
+DECODER  ?=
 CHUNK_FRAMES ?= 0
 OVERLAP_FRAMES ?= 8
 SEGMENT_CHUNKS ?= $(if $(filter 1,$(NPROC)),0,4)
@@ -115,7 +117,7 @@ upscale: env
 	PYTHONDONTWRITEBYTECODE=1 exec $(TORCHRUN_LAUNCH) -m tools.upscale --input "$(INPUT)" --output "$(UPSCALE_OUTPUT)" \
 		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(findstring zero-init,$(ADAPTER)),,--adapter "$(ADAPTER)") \
 		--scale "$(SCALE)" --steps "$(STEPS)" --chunk-frames "$(CHUNK_FRAMES)" --overlap-frames "$(OVERLAP_FRAMES)" \
-		--segment-chunks "$(SEGMENT_CHUNKS)" $(UPSCALE_ARGS)
+		--segment-chunks "$(SEGMENT_CHUNKS)" $(if $(DECODER),--decoder "$(DECODER)") $(UPSCALE_ARGS)
 
 train: env
 	@test -n "$(DATA)" && test -n "$(OUT)" && test -n "$(TRAIN_STEPS)" || \
