@@ -72,7 +72,7 @@ def server():
 def entry_dict(name, url, body, folder="diffusion_models", role="dit", size=True, sha256=True, **extra):
     missing = [key for key, known in (("size", size), ("sha256", sha256)) if not known]
     return {"id": name.removesuffix(".safetensors"), "role": role, "folder": folder, "name": name,
-            "families": ["tiny"] if role in ("dit", "vae") else [], "source": url,
+            "families": ["tiny"] if role in ("dit", "vae", "decoder") else [], "source": url,
             "size": len(body) if size else None,
             "sha256": (sha256 if isinstance(sha256, str) else hashlib.sha256(body).hexdigest()) if sha256 else None,
             "unverified": missing, **extra}
@@ -224,6 +224,9 @@ def test_the_real_manifest_validates():
     (lambda e: e.update(size=None), "'unverified' must list"),
     (lambda e: e.update(source="http://example.com/x"), "https"),
     (lambda e: e.update(folder="vae"), "role 'dit' with folder 'vae'"),
+    (lambda e: e.update(folder="vae_approx"), "role 'dit' with folder 'vae_approx'"),
+    (lambda e: e.update(role="decoder", folder="diffusion_models"), "role 'decoder' with folder 'diffusion_models'"),
+    (lambda e: e.update(role="decoder", folder="vae", families=[]), "a decoder must list the families"),
 ])
 def test_bad_manifest_entries_are_refused_by_name(change, message):
     data = manifest_dict(entry_dict("tiny-dit.safetensors", "https://h/d", PAYLOAD),
@@ -231,6 +234,16 @@ def test_bad_manifest_entries_are_refused_by_name(change, message):
     change(data["files"][0])
     with pytest.raises(mf.ManifestError, match=message):
         mf.parse_manifest(data)
+
+
+def test_decoders_may_go_to_vae_or_vae_approx():
+    data = manifest_dict(entry_dict("tiny-dit.safetensors", "https://h/d", PAYLOAD),
+                         entry_dict("tiny-vae.safetensors", "https://h/v", b"v", "vae", "vae"),
+                         entry_dict("tiny-tae.safetensors", "https://h/t", b"t", "vae", "decoder"),
+                         entry_dict("tiny-lighttae.safetensors", "https://h/l", b"l", "vae_approx", "decoder"))
+    manifest = mf.parse_manifest(data)
+    assert [(entry.role, entry.folder) for entry in manifest.files[2:]] == [("decoder", "vae"),
+                                                                            ("decoder", "vae_approx")]
 
 
 # --- the checker --------------------------------------------------------------------------------------------------
@@ -275,19 +288,26 @@ def test_checker_reports_present_missing_wrong_size_and_hash(tmp_path):
 
 
 def test_tool_downloads_the_default_family_and_reports(server, tmp_path, capsys):
-    server.files["/dit"], server.files["/dit-vae"] = PAYLOAD, b"vae" * 100
+    server.files["/dit"], server.files["/dit-vae"], server.files["/tae"] = PAYLOAD, b"vae" * 100, b"tae" * 50
     manifest_path = tmp_path / "models.json"
     manifest_path.write_text(json.dumps(manifest_dict(
         entry_dict("tiny-dit.safetensors", server.url("/dit"), PAYLOAD),
-        entry_dict("tiny-vae.safetensors", server.url("/dit-vae"), b"vae" * 100, "vae", "vae"))))
-    argv = ["--models-dir", str(tmp_path / "models"), "--manifest", str(manifest_path)]
+        entry_dict("tiny-vae.safetensors", server.url("/dit-vae"), b"vae" * 100, "vae", "vae"),
+        entry_dict("lighttae-tiny.safetensors", server.url("/tae"), b"tae" * 50, "vae_approx", "decoder",
+                   optional=True))))
+    models = tmp_path / "models"
+    argv = ["--models-dir", str(models), "--manifest", str(manifest_path)]
     assert models_tool.main(argv) == 0
-    assert "[missing]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[missing]" in out and f"put it at: {models / 'vae_approx' / 'lighttae-tiny.safetensors'}" in out
     assert models_tool.main(argv + ["--download"]) == 0
-    assert (tmp_path / "models" / "diffusion_models" / "tiny-dit.safetensors").read_bytes() == PAYLOAD
-    assert (tmp_path / "models" / "vae" / "tiny-vae.safetensors").read_bytes() == b"vae" * 100
-    assert models_tool.main(argv + ["--verify-hash"]) == 0
+    assert (models / "diffusion_models" / "tiny-dit.safetensors").read_bytes() == PAYLOAD
+    assert (models / "vae" / "tiny-vae.safetensors").read_bytes() == b"vae" * 100
+    assert not (models / "vae_approx").exists()  # an optional decoder is fetched only when asked for
+    assert models_tool.main(argv + ["--verify-hash"]) == 0  # ... and its absence is no failure
     assert "Tiny [tiny]: READY" in capsys.readouterr().out
+    assert models_tool.main(argv + ["--download", "--only", "lighttae-tiny"]) == 0
+    assert (models / "vae_approx" / "lighttae-tiny.safetensors").read_bytes() == b"tae" * 50
 
 
 def test_node_report_names_the_exact_target_folder(tmp_path, monkeypatch):
