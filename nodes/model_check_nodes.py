@@ -33,7 +33,8 @@ class LiteVSRCheckModels(io.ComfyNode):
             display_name="Check Models (LiteVSR)",
             category="LiteVSR",
             description="Lists the model files LiteVSR supports (Wan2.1 T2V 1.3B/14B and Wan2.2 TI2V-5B DiTs, their "
-                        "VAEs, the optional umt5 text encoder) and reports, for ComfyUI's own model folders, which "
+                        "VAEs, the optional umt5 text encoder, the optional fast Wan decoders for the stock Load VAE "
+                        "in vae/ or vae_approx/) and reports, for ComfyUI's own model folders, which "
                         "are present and intact, which are missing (with the exact path each one goes to and its "
                         "download URL) and which backbones are ready to use. Downloads nothing: fetch missing files "
                         "with `make models` / tools/models.py (resumable, SHA-256 verified) or by hand.",

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "models.json")
 MANIFEST_FORMAT = 1
-FOLDERS = ("diffusion_models", "vae", "text_encoders", "litevsr")
+FOLDERS = ("diffusion_models", "vae", "vae_approx", "text_encoders", "litevsr")
 LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}  # ComfyUI reads these too
-ROLES = {"dit": "diffusion_models", "vae": "vae", "text_encoder": "text_encoders", "adapter": "litevsr"}
+# role -> the folders its files may go to. A decoder (a tiny or light Wan decoder for ComfyUI's stock Load VAE) goes
+# where that loader reads it: vae_approx/ for the few names it takes from there, vae/ otherwise (weights/README.md).
+ROLES = {"dit": ("diffusion_models",), "vae": ("vae",), "decoder": ("vae", "vae_approx"),
+         "text_encoder": ("text_encoders",), "adapter": ("litevsr",)}
 CHECKABLE = ("size", "sha256")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 PART_SUFFIX = ".part"
@@ -150,9 +153,9 @@ def _parse_file(raw, label, problems):
         problems.append(f"{label}: " + "; ".join(found))
         return None
     label = f"{label} ({raw['id']})"
-    if ROLES.get(raw["role"]) != raw["folder"]:
-        problems.append(f"{label}: role {raw['role']!r} with folder {raw['folder']!r} (expected one of "
-                        f"{', '.join(f'{r}->{f}' for r, f in ROLES.items())})")
+    if raw["folder"] not in ROLES.get(raw["role"], ()):
+        expected = "; ".join(f"{role} -> {' or '.join(folders)}" for role, folders in ROLES.items())
+        problems.append(f"{label}: role {raw['role']!r} with folder {raw['folder']!r} (expected {expected})")
     name = raw["name"]
     if name != os.path.basename(name) or "\\" in name or name.startswith(".") or not name.endswith(".safetensors"):
         problems.append(f"{label}: file name {name!r} must be a plain *.safetensors name")
@@ -172,6 +175,8 @@ def _parse_file(raw, label, problems):
     if not isinstance(families, list) or not all(isinstance(family, str) for family in families):
         problems.append(f"{label}: 'families' must be a list of family ids")
         families = []
+    if raw["role"] == "decoder" and not families:
+        problems.append(f"{label}: a decoder must list the families whose latents it decodes")
     return ModelFile(raw["id"], raw["role"], raw["folder"], name, tuple(families), size, sha256, raw["source"],
                      bool(raw.get("optional", False)), tuple(missing))
 
@@ -364,6 +369,12 @@ def describe(check):
     return lines
 
 
+def describe_decoder(check):
+    """A fast decoder's lines: describe()'s, with the backbone families whose latents it decodes after the head."""
+    head, *rest = describe(check)
+    return [head, f"    decodes the latents of: {', '.join(check.file.families)}"] + rest
+
+
 def format_report(report, verify_hash=False):
     lines = ["LiteVSR model files" + (" (sizes and SHA-256 checked)" if verify_hash else " (sizes checked)"), "",
              "Backbones (one DiT + its VAE; the text encoder is optional):"]
@@ -378,7 +389,13 @@ def format_report(report, verify_hash=False):
         lines.append(f"  {family.title} [{family.id}]: {state}")
     lines += ["", "Files:"]
     for check_ in report.checks:
-        lines += ["  " + line for line in describe(check_)]
+        if check_.file.role != "decoder":
+            lines += ["  " + line for line in describe(check_)]
+    decoders = [check_ for check_ in report.checks if check_.file.role == "decoder"]
+    if decoders:
+        lines += ["", "Fast decoders (optional; ComfyUI's stock Load VAE reads each from the folder shown):"]
+        for check_ in decoders:
+            lines += ["  " + line for line in describe_decoder(check_)]
     lines += ["", "Adapters (litevsr/):"]
     for directory, names in report.adapters:
         lines.append(f"  {directory}: " + (", ".join(names) if names else "none yet"))

@@ -2,15 +2,19 @@
 a connection cut mid-file, a server that ignores Range), the command-line tool, and the Check Models node."""
 import hashlib
 import http.server
+import importlib.util
 import json
 import os
 import threading
 
 import pytest
 
+from tools import comfy_env
 from tools import models as models_tool
 from comfyui_litevsr.nodes import model_files as mf
 
+DECODER_PUBLISHERS = ("https://huggingface.co/lightx2v/Autoencoders/resolve/main/",
+                      "https://raw.githubusercontent.com/madebyollin/taehv/")
 PAYLOAD = bytes(range(256)) * 997 + b"tail"  # 255,236 bytes: several chunks at the test chunk size
 CHUNK = 16 << 10
 
@@ -72,7 +76,7 @@ def server():
 def entry_dict(name, url, body, folder="diffusion_models", role="dit", size=True, sha256=True, **extra):
     missing = [key for key, known in (("size", size), ("sha256", sha256)) if not known]
     return {"id": name.removesuffix(".safetensors"), "role": role, "folder": folder, "name": name,
-            "families": ["tiny"] if role in ("dit", "vae") else [], "source": url,
+            "families": ["tiny"] if role in ("dit", "vae", "decoder") else [], "source": url,
             "size": len(body) if size else None,
             "sha256": (sha256 if isinstance(sha256, str) else hashlib.sha256(body).hexdigest()) if sha256 else None,
             "unverified": missing, **extra}
@@ -86,6 +90,17 @@ def manifest_dict(*entries, dit="tiny-dit", vae="tiny-vae"):
 def tiny_manifest(url, dit_body=PAYLOAD, vae_body=b"vae" * 100, **dit_fields):
     return mf.parse_manifest(manifest_dict(entry_dict("tiny-dit.safetensors", url, dit_body, **dit_fields),
                                            entry_dict("tiny-vae.safetensors", url + "-vae", vae_body, "vae", "vae")))
+
+
+@pytest.fixture
+def comfy_folders(tmp_path, monkeypatch):
+    """ComfyUI's model folders (those the manifest uses), for this test only: empty folders under tmp_path."""
+    import folder_paths
+
+    for folder in mf.FOLDERS:
+        (tmp_path / folder).mkdir()
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, folder, ([str(tmp_path / folder)], {".safetensors"}))
+    return tmp_path
 
 
 def names_in(folder):
@@ -199,8 +214,12 @@ def test_the_real_manifest_validates():
     assert len(manifest.files) == len(raw["files"]) + len(raw["adapters"]) >= 8
     for entry in raw["files"] + raw["adapters"]:
         assert entry["folder"] in mf.FOLDERS and entry["name"].endswith(".safetensors")
-        assert entry["source"].startswith("https://huggingface.co/Comfy-Org/Wan_2.")
-        assert entry["source"].endswith("/" + entry["folder"] + "/" + entry["name"])
+        if entry["role"] == "decoder":  # from its publisher, optional
+            assert entry["source"].startswith(DECODER_PUBLISHERS) and entry["source"].endswith("/" + entry["name"])
+            assert entry["optional"] is True
+        else:
+            assert entry["source"].startswith("https://huggingface.co/Comfy-Org/Wan_2.")
+            assert entry["source"].endswith("/" + entry["folder"] + "/" + entry["name"])
         assert entry["size"] is None or (type(entry["size"]) is int and entry["size"] > 0)
         assert entry["sha256"] is None or mf.SHA256_HEX.match(entry["sha256"])
         assert sorted(entry["unverified"]) == sorted(key for key in ("size", "sha256") if entry[key] is None)
@@ -208,6 +227,11 @@ def test_the_real_manifest_validates():
     assert {"wan2.1_t2v_1.3B_fp16.safetensors", "wan2.2_ti2v_5B_fp16.safetensors", "wan_2.1_vae.safetensors",
             "wan2.2_vae.safetensors"} <= names
     assert {family.id for family in manifest.families} == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-ti2v-5b"}
+    decoders = {entry.name: set(entry.families) for entry in manifest.files if entry.role == "decoder"}
+    wan21 = {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b"}
+    assert decoders == {"taew2_1.safetensors": wan21, "lighttaew2_1.safetensors": wan21,
+                        "lightvaew2_1.safetensors": wan21, "taew2_2.safetensors": {"wan2.2-ti2v-5b"},
+                        "lighttaew2_2.safetensors": {"wan2.2-ti2v-5b"}}
     assert [entry.name for entry in manifest.select()] == ["wan2.1_t2v_1.3B_fp16.safetensors",
                                                           "wan_2.1_vae.safetensors"]
     have_bf16 = manifest.select(["wan2.1-t2v-1.3b"], have=lambda file_id: file_id == "wan2.1-t2v-1.3b-bf16")
@@ -224,6 +248,9 @@ def test_the_real_manifest_validates():
     (lambda e: e.update(size=None), "'unverified' must list"),
     (lambda e: e.update(source="http://example.com/x"), "https"),
     (lambda e: e.update(folder="vae"), "role 'dit' with folder 'vae'"),
+    (lambda e: e.update(folder="vae_approx"), "role 'dit' with folder 'vae_approx'"),
+    (lambda e: e.update(role="decoder", folder="diffusion_models"), "role 'decoder' with folder 'diffusion_models'"),
+    (lambda e: e.update(role="decoder", folder="vae", families=[]), "a decoder must list the families"),
 ])
 def test_bad_manifest_entries_are_refused_by_name(change, message):
     data = manifest_dict(entry_dict("tiny-dit.safetensors", "https://h/d", PAYLOAD),
@@ -231,6 +258,44 @@ def test_bad_manifest_entries_are_refused_by_name(change, message):
     change(data["files"][0])
     with pytest.raises(mf.ManifestError, match=message):
         mf.parse_manifest(data)
+
+
+def test_decoders_may_go_to_vae_or_vae_approx():
+    data = manifest_dict(entry_dict("tiny-dit.safetensors", "https://h/d", PAYLOAD),
+                         entry_dict("tiny-vae.safetensors", "https://h/v", b"v", "vae", "vae"),
+                         entry_dict("tiny-tae.safetensors", "https://h/t", b"t", "vae", "decoder"),
+                         entry_dict("tiny-lighttae.safetensors", "https://h/l", b"l", "vae_approx", "decoder"))
+    manifest = mf.parse_manifest(data)
+    assert [(entry.role, entry.folder) for entry in manifest.files[2:]] == [("decoder", "vae"),
+                                                                            ("decoder", "vae_approx")]
+
+
+def test_every_decoder_is_where_the_stock_load_vae_lists_and_reads_it(comfy_folders, monkeypatch):
+    """ComfyUI's own Load VAE over a vae/ and a vae_approx/ holding each manifest decoder where the manifest puts it:
+    it lists every one and opens it from exactly there (it reads vae_approx/ only for a few exact names, and lists
+    there only names with a few prefixes: lighttaew2_* must go there, taew2_* and lightvaew2_1 to vae/)."""
+    import comfy.utils
+
+    stock = importlib.util.spec_from_file_location("comfyui_stock_nodes", comfy_env.comfy_dir() / "nodes.py")
+    nodes = importlib.util.module_from_spec(stock)  # ComfyUI's nodes.py: here `nodes` is this repository's package
+    stock.loader.exec_module(nodes)
+
+    class Opened(Exception):
+        pass
+
+    def refuse_to_load(path, *args, **kwargs):
+        raise Opened(path)
+
+    decoders = [entry for entry in mf.load_manifest().files if entry.role == "decoder"]
+    for entry in decoders:
+        (comfy_folders / entry.relative).write_bytes(b"a stand-in: the loader only has to find it")
+    monkeypatch.setattr(comfy.utils, "load_torch_file", refuse_to_load)
+    listed = nodes.VAELoader.vae_list(nodes.VAELoader)
+    for entry in decoders:
+        assert entry.name in listed
+        with pytest.raises(Opened) as opened:
+            nodes.VAELoader().load_vae(entry.name)
+        assert opened.value.args[0] == str(comfy_folders / entry.relative)
 
 
 # --- the checker --------------------------------------------------------------------------------------------------
@@ -275,28 +340,33 @@ def test_checker_reports_present_missing_wrong_size_and_hash(tmp_path):
 
 
 def test_tool_downloads_the_default_family_and_reports(server, tmp_path, capsys):
-    server.files["/dit"], server.files["/dit-vae"] = PAYLOAD, b"vae" * 100
+    server.files["/dit"], server.files["/dit-vae"], server.files["/tae"] = PAYLOAD, b"vae" * 100, b"tae" * 50
     manifest_path = tmp_path / "models.json"
     manifest_path.write_text(json.dumps(manifest_dict(
         entry_dict("tiny-dit.safetensors", server.url("/dit"), PAYLOAD),
-        entry_dict("tiny-vae.safetensors", server.url("/dit-vae"), b"vae" * 100, "vae", "vae"))))
-    argv = ["--models-dir", str(tmp_path / "models"), "--manifest", str(manifest_path)]
+        entry_dict("tiny-vae.safetensors", server.url("/dit-vae"), b"vae" * 100, "vae", "vae"),
+        entry_dict("lighttae-tiny.safetensors", server.url("/tae"), b"tae" * 50, "vae_approx", "decoder",
+                   optional=True))))
+    models = tmp_path / "models"
+    argv = ["--models-dir", str(models), "--manifest", str(manifest_path)]
     assert models_tool.main(argv) == 0
-    assert "[missing]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[missing]" in out and f"put it at: {models / 'vae_approx' / 'lighttae-tiny.safetensors'}" in out
     assert models_tool.main(argv + ["--download"]) == 0
-    assert (tmp_path / "models" / "diffusion_models" / "tiny-dit.safetensors").read_bytes() == PAYLOAD
-    assert (tmp_path / "models" / "vae" / "tiny-vae.safetensors").read_bytes() == b"vae" * 100
-    assert models_tool.main(argv + ["--verify-hash"]) == 0
+    assert (models / "diffusion_models" / "tiny-dit.safetensors").read_bytes() == PAYLOAD
+    assert (models / "vae" / "tiny-vae.safetensors").read_bytes() == b"vae" * 100
+    assert not (models / "vae_approx").exists()  # an optional decoder is fetched only when asked for
+    assert models_tool.main(argv + ["--verify-hash"]) == 0  # ... and its absence is no failure
     assert "Tiny [tiny]: READY" in capsys.readouterr().out
+    assert models_tool.main(argv + ["--download", "--only", "lighttae-tiny"]) == 0
+    assert (models / "vae_approx" / "lighttae-tiny.safetensors").read_bytes() == b"tae" * 50
 
 
+@pytest.mark.usefixtures("comfy_folders")
 def test_node_report_names_the_exact_target_folder(tmp_path, monkeypatch):
     import folder_paths
     from comfyui_litevsr.nodes.model_check_nodes import LiteVSRCheckModels
 
-    for folder in mf.FOLDERS:
-        (tmp_path / folder).mkdir()
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, folder, ([str(tmp_path / folder)], {".safetensors"}))
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models",
                         ([str(tmp_path / "unet"), str(tmp_path / "diffusion_models")], {".safetensors"}))
     (tmp_path / "vae" / "wan_2.1_vae.safetensors").write_bytes(b"not the VAE")
@@ -312,3 +382,21 @@ def test_node_report_names_the_exact_target_folder(tmp_path, monkeypatch):
         handle.truncate(mf.load_manifest().file("wan2.1-vae").size)
     assert "[ok] vae/wan_2.1_vae.safetensors" in LiteVSRCheckModels.execute(False).result[0]
     assert "[hash-mismatch] vae/wan_2.1_vae.safetensors" in LiteVSRCheckModels.execute(True).result[0]
+
+
+@pytest.mark.usefixtures("comfy_folders")
+def test_node_reports_the_optional_fast_decoders_and_finds_one_in_vae_approx(tmp_path):
+    from comfyui_litevsr.nodes.model_check_nodes import LiteVSRCheckModels
+
+    lighttae = tmp_path / "vae_approx" / "lighttaew2_1.safetensors"
+    with open(lighttae, "wb") as handle:  # the manifest's size (sparse)
+        handle.truncate(mf.load_manifest().file("lighttaew2.1").size)
+    report = LiteVSRCheckModels.execute(False).result[0]
+    backbones, decoders = report.split("\nFast decoders (optional", 1)
+    lines = decoders.splitlines()
+    found = lines.index("  [ok] vae_approx/lighttaew2_1.safetensors (45.27 MB) optional")
+    assert lines[found + 1:found + 3] == ["      decodes the latents of: wan2.1-t2v-1.3b, wan2.1-t2v-14b",
+                                          f"      found: {lighttae}"]
+    missing = lines.index("  [missing] vae/taew2_1.safetensors (22.64 MB) optional")
+    assert lines[missing + 2] == f"      put it at: {tmp_path / 'vae' / 'taew2_1.safetensors'}"
+    assert "taew2_1" not in backbones
