@@ -5,6 +5,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from . import extension_paths  # noqa: F401 - registers models/litevsr, which the report lists
+from .decoders import tiny_decoder_support
 from .model_files import check, load_manifest
 
 
@@ -58,4 +59,7 @@ class LiteVSRCheckModels(io.ComfyNode):
         manifest = load_manifest()
         progress = HashProgress(manifest.files) if verify_hash else None
         text = check(manifest, folder_paths.get_folder_paths, verify_hash, progress).text(verify_hash)
+        unsupported = tiny_decoder_support()
+        if unsupported:
+            text += "\n" + unsupported
         return io.NodeOutput(text, ui=ui.PreviewText(text))

@@ -5,6 +5,7 @@ import http.server
 import importlib.util
 import json
 import os
+import sys
 import threading
 
 import pytest
@@ -400,3 +401,13 @@ def test_node_reports_the_optional_fast_decoders_and_finds_one_in_vae_approx(tmp
     missing = lines.index("  [missing] vae/taew2_1.safetensors (22.64 MB) optional")
     assert lines[missing + 2] == f"      put it at: {tmp_path / 'vae' / 'taew2_1.safetensors'}"
     assert "taew2_1" not in backbones
+
+
+@pytest.mark.usefixtures("comfy_folders")
+def test_node_says_in_one_line_when_this_comfyui_cannot_load_tiny_decoders(monkeypatch):
+    from comfyui_litevsr.nodes.model_check_nodes import LiteVSRCheckModels
+
+    assert "cannot load tiny Wan decoders" not in LiteVSRCheckModels.execute(False).result[0]
+    monkeypatch.setitem(sys.modules, "comfy.taesd.taehv", None)  # as on a ComfyUI without comfy/taesd/taehv.py
+    last = LiteVSRCheckModels.execute(False).result[0].splitlines()[-1]
+    assert "cannot load tiny Wan decoders" in last and "update ComfyUI" in last
