@@ -64,14 +64,22 @@ def test_clip(tmp_path_factory):
     return demo_tool.make_clip(demo_tool.bigbuckbunny(), path, TEST_CLIP_FRAMES, *TEST_CLIP_SIZE)
 
 
+# Tiny Wan decoders the server offers in Load VAE: the tiny-decoder example's (bf16, models/vae_approx) and taew2_1
+# (fp16, models/vae: the file ComfyUI takes for HunyuanVideo's taehv). Real TAEHV size (~22 MB), random weights.
+SERVED_TINY_DECODERS = (demo_tool.TINY_DECODER_NAME, "taew2_1.safetensors")
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory, tiny_dit_path, tiny_vae_path, test_clip):
     """ComfyUI with the pack (custom_nodes/ComfyUI-LiteVSR -> this repo), the tiny stand-ins under the example
-    model names, and the test clip (also under the examples' clip name) in input/."""
+    model names, the SERVED_TINY_DECODERS in the folders the stock Load VAE reads them from, and the test clip (also
+    under the examples' clip name) in input/."""
     base = tmp_path_factory.mktemp("comfy_base")
     comfy_server.prepare_base(base)
     comfy_server.place_file(tiny_dit_path, base / "models" / "diffusion_models" / demo_tool.DIT_NAME)
     comfy_server.place_file(tiny_vae_path, base / "models" / "vae" / demo_tool.VAE_NAME)
+    for name in SERVED_TINY_DECODERS:
+        tiny_models.save_tiny_decoder(base / "models", name)
     comfy_server.place_file(test_clip, base / "input" / TEST_CLIP)
     comfy_server.place_file(test_clip, base / "input" / demo_tool.SAMPLE_CLIP)
     server = comfy_server.ComfyServer(base)

@@ -16,6 +16,18 @@ def probe(path):
                 "audio": len(container.streams.audio)}
 
 
+def assert_upscaled_copy(out_path, src_path, scale):
+    """The output file has exactly the source's frames and frame rate, `scale` x its width and height, and its
+    audio stream (the source has one). Returns both probes."""
+    src, out = probe(src_path), probe(out_path)
+    assert src["audio"] == 1, f"{src_path} has no audio to keep"
+    assert out["frames"] == src["frames"]
+    assert out["fps"] == src["fps"]
+    assert out["size"] == (scale * src["size"][0], scale * src["size"][1])
+    assert out["audio"] == 1
+    return src, out
+
+
 def stitch(outputs, chunks):
     """All chunk outputs stitched into one tensor (for short clips; the pack streams with Stitcher)."""
     stitcher = Stitcher(chunks)

@@ -1,14 +1,16 @@
 """End to end on a real headless ComfyUI: the long-video example (the streaming node, file to file) on real clips
-with audio, its atomic output, and an interrupt in the middle of a run."""
+with audio, its atomic output, a tiny decoder on its `decoder` input, and an interrupt in the middle of a run."""
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from tools import comfy_server
 from tools import demo as demo_tool
 from conftest import REPO, TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE, make_env
-from helpers import probe
+from helpers import assert_upscaled_copy, probe
+from comfyui_litevsr.nodes.core.video_io import VideoReader
 
 SCALE = 2
 CHUNK, OVERLAP = 9, 4  # 29 frames -> 6 chunks; 61 frames -> 14 chunks
@@ -52,12 +54,8 @@ def test_long_video_example_streams_clip_with_audio(comfy, stream_clips):
     # the node's STRING output is the full path of the file it wrote
     entry = next(iter(comfy.get("/history?max_items=1").values()))
     assert entry["outputs"]["99"]["text"] == [str(paths[0])]
-    src, out = probe(stream_clips[CLIP]), probe(paths[0])
-    assert src["frames"] == CLIP_FRAMES and src["audio"] == 1
-    assert out["frames"] == CLIP_FRAMES
-    assert out["fps"] == src["fps"]
-    assert out["size"] == (SCALE * TEST_CLIP_SIZE[0], SCALE * TEST_CLIP_SIZE[1])
-    assert out["audio"] == 1
+    src, _ = assert_upscaled_copy(paths[0], stream_clips[CLIP], SCALE)
+    assert src["frames"] == CLIP_FRAMES and src["size"] == TEST_CLIP_SIZE
     assert leftovers(comfy) == []
     log = comfy.log_tail(200)
     assert "LiteVSR memory plan" in log and "in 6 chunk(s), overlap 4 frames" in log
@@ -77,6 +75,26 @@ def test_trimmed_video_is_refused_before_any_work(comfy, object_info, stream_cli
     with pytest.raises(comfy_server.ComfyError, match="trimmed view of its file.*Save the trimmed video first"):
         comfy.run_prompt(prompt, timeout=120)
     assert not list((comfy.base / "output").glob("stream_e2e/trimmed*")) and leftovers(comfy) == []
+
+
+def test_streaming_node_decodes_with_tiny_decoder(comfy, test_clip):
+    """The streaming node with its `decoder` input wired to the stock Load VAE of the tiny decoder (lighttaew2_1,
+    models/vae_approx): file to file, exactly N frames at scale x H x W with the audio, and the frames are not the
+    Wan VAE's (the same run without the decoder, same seed, writes other pixels)."""
+    decoded_by = {}
+    for decoder in (demo_tool.TINY_DECODER_NAME, None):
+        prompt = stream_prompt(TEST_CLIP, f"stream_e2e/decoded_by_{Path(decoder).stem if decoder else 'wan_vae'}")
+        if decoder:
+            (node,) = [n for n in prompt.values() if n["class_type"] == NODE]
+            prompt["90"] = {"class_type": "VAELoader", "inputs": {"vae_name": decoder}}
+            node["inputs"]["decoder"] = ["90", 0]
+        (path,) = comfy.run_prompt(prompt, timeout=300)
+        src, _ = assert_upscaled_copy(path, test_clip, SCALE)
+        assert src["frames"] == TEST_CLIP_FRAMES and src["size"] == TEST_CLIP_SIZE
+        decoded_by[decoder] = VideoReader(path).frames(0, TEST_CLIP_FRAMES)
+    difference = (decoded_by[demo_tool.TINY_DECODER_NAME] - decoded_by[None]).abs().mean().item()
+    assert difference > 0.02, f"the decoder input changed the frames by only {difference:.4f} on average"
+    assert leftovers(comfy) == []
 
 
 @pytest.mark.matrix("Runs", "interrupt during streaming encode")

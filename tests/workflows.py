@@ -2,10 +2,10 @@
 
 ComfyUI converts UI graphs to API prompts only in the front end (graphToPrompt); this is the small subset the
 examples need: widget values mapped to widget input names in the live server's /object_info order, links to
-[node_id, slot], muted/bypassed nodes dropped, the seed's "control after generate" value skipped. A workflow saved
-on an older ComfyUI lacks the values of optional widgets added since (CreateVideo's `bit_depth` in 0.3x): as the
-front end does, those take their declared defaults; and widgets that became dynamic combos (Save Video's format)
-take their nested widgets' values as `parent.child`.
+[node_id, slot], muted/bypassed nodes and notes dropped, the seed's "control after generate" value skipped. A
+workflow saved on an older ComfyUI lacks the values of optional widgets added since (CreateVideo's `bit_depth` in
+0.3x): as the front end does, those take their declared defaults; and widgets that became dynamic combos (Save
+Video's format) take their nested widgets' values as `parent.child`.
 """
 import json
 from collections import deque
@@ -16,6 +16,7 @@ EXAMPLES = REPO / "example_workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # newer ComfyUI: a combo whose chosen option brings widgets of its own
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # text on the canvas: the front end's own nodes, never sent to the server
 
 
 def example_pairs():
@@ -83,7 +84,7 @@ def ui_to_api(ui, object_info):
     links = {link[0]: link for link in ui["links"]}
     prompt = {}
     for node in ui["nodes"]:
-        if node.get("mode", 0) in (2, 4):  # muted, bypassed
+        if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:  # muted, bypassed, a note
             continue
         if node["type"] not in object_info:
             raise KeyError(f"node {node['id']}: type {node['type']} is not registered on the server")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-LiteVSR"  # folder name of the pack inside custom_nodes/ (what --whitelist-custom-nodes matches)
-MODEL_FOLDERS = ("diffusion_models", "vae", "litevsr")
+# vae_approx: where the stock Load VAE reads the tiny decoders lighttaew2_1 / lighttaew2_2 (taew2_* sit in vae)
+MODEL_FOLDERS = ("diffusion_models", "vae", "vae_approx", "litevsr")
 
 
 class ComfyError(RuntimeError):
@@ -42,8 +43,8 @@ def free_port():
 
 
 def prepare_base(base, models_dir=None):
-    """Create a ComfyUI base directory: custom_nodes/ComfyUI-LiteVSR -> repo, models/{diffusion_models,vae,litevsr},
-    input/, output/. With `models_dir` (a folder holding diffusion_models/, vae/, litevsr/), an
+    """Create a ComfyUI base directory: custom_nodes/ComfyUI-LiteVSR -> repo, models/<each of MODEL_FOLDERS>,
+    input/, output/. With `models_dir` (a folder holding diffusion_models/, vae/, litevsr/, maybe vae_approx/), an
     extra_model_paths.yaml pointing at it is written and its path returned (pass it to ComfyServer)."""
     base = Path(base).resolve()
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)

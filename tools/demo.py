@@ -31,6 +31,7 @@ STREAM_UI_WORKFLOW = EXAMPLES / "litevsr_long_video.json"
 STREAM_API_WORKFLOW = EXAMPLES / "api" / "litevsr_long_video_api.json"
 DIT_NAME = "wan2.1_t2v_1.3B_fp16.safetensors"
 VAE_NAME = "wan_2.1_vae.safetensors"
+TINY_DECODER_NAME = "lighttaew2_1.safetensors"  # the tiny-decoder example's, in models/vae_approx
 SAMPLE_CLIP = "bigbuckbunny_320x180.mp4"  # the file name the examples' LoadVideo node uses
 SAMPLE_SHAPE = "33x320x180"  # frames x width x height of the default input cut from bigbuckbunny
 NEW_ADAPTER = "new (zero-init)"
@@ -85,10 +86,12 @@ def make_clip(src, dst, frames, width, height):
 
 
 def build_stand_ins(models_root):
-    """Tiny random-weight Wan2.1 DiT and VAE saved under the example model names in `models_root`."""
+    """Tiny random-weight Wan2.1 DiT and VAE saved under the example model names in `models_root`, and the
+    tiny-decoder example's decoder (real TAEHV size, random weights) in its vae_approx/."""
     from tools import comfy_env, tiny_models
 
     comfy_env.use_comfy()
+    tiny_models.save_tiny_decoder(models_root, TINY_DECODER_NAME)
     return tiny_models.save_stand_ins(Path(models_root) / "diffusion_models" / DIT_NAME,
                                       Path(models_root) / "vae" / VAE_NAME)
 
