@@ -7,6 +7,7 @@ comfy/taesd/taehv.py) and slimmer Wan VAEs (`lightvaew2_1`) through Load VAE; th
 decodes the latent in hand and calls it once per tile without ComfyUI's per-call decode wrapper.
 """
 import logging
+from contextlib import nullcontext
 
 import comfy.model_management
 import torch
@@ -94,7 +95,10 @@ class TileDecoder:
         vae = self.vae
         if self.unscale is not None:
             latent = self.unscale(latent)
-        pixels = vae.first_stage_model.decode(latent.to(device=vae.device, dtype=vae.vae_dtype))
+        # newer ComfyUI makes the VAE's GPU the current one for the call (custom kernels read it), as VAE.decode does
+        on_device = getattr(comfy.model_management, "cuda_device_context", lambda _device: nullcontext())
+        with on_device(vae.device):
+            pixels = vae.first_stage_model.decode(latent.to(device=vae.device, dtype=vae.vae_dtype))
         pixels = vae.process_output(pixels.to("cpu", torch.float32, copy=True))
         return pixels.movedim(1, -1)[0]
 
