@@ -20,7 +20,9 @@ Sections
   adapter_overhead  step time of direct / shared_blocks injection over the bare DiT's at Wan2.1-1.3B geometry
                     (and Wan2.2-5B where the host memory allows), and the adapter's share of the parameters
   decode            peak memory above baseline, time and max |diff| of the pack's tiled decode (4x4 tiles), an
-                    untiled decode and ComfyUI's VAEDecodeTiled, tiny VAE, 960x960 output
+                    untiled decode and ComfyUI's VAEDecodeTiled, width-8 VAE, 960x960 output; time and peak memory of
+                    the full Wan2.1 VAE, the light VAE geometry and the tiny TAEHV decoder, 17 frames at 832x480; the
+                    time of tiling the tiny decoder, 17 frames at 1280x720
   stream            whole-run peak RSS of tools/upscale.py for 150 vs 600 frames (memory must not grow with length)
   e2e               output frames per second of whole file-to-file runs, tiny stand-ins, 1/2/4 steps
   gpu               the same with real weights from MODELS_DIR at 1080p and peak VRAM; skipped without CUDA
@@ -35,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.decode import DECODERS_FRAMES, DECODERS_OUTPUT, TILED_TIME_FRAMES, TILED_TIME_OUTPUT
 from bench.harness import (CONFIRM, REPO, SECTIONS, STABLE_SPREAD, busy_load, command_line, figures_of, git_commit,
                            machine, serve_worker)
 
@@ -59,7 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--readme", action="store_true", help="rewrite README.md's performance table from the JSON")
     ap.add_argument("--keep", action="store_true", help="keep outputs and logs in bench/.cache/outputs")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per measured process")
+    ap.add_argument("--timeout", type=float, default=7200,
+                    help="seconds per measured process (the decoder comparison's full VAE alone takes about 40 "
+                         "minutes on 2 CPU cores)")
     ap.add_argument("--models-dir", default="", help="real weights for the gpu section (ComfyUI models layout)")
     ap.add_argument("--repeats", type=int, help="timed repeats per figure at least (after one warm-up; quick 3, "
                                                     "full 5)")
@@ -80,6 +85,12 @@ def parse_args(argv=None):
                          "tokens), 2x32x32, ... whose step is compute-bound on this machine")
     ap.add_argument("--decode-px", type=int, default=960, help="square output side of the decode benchmark")
     ap.add_argument("--decode-frames", type=int)
+    ap.add_argument("--decoders-size", default="{}x{}".format(*DECODERS_OUTPUT),
+                    help="output width x height of the full / light / tiny decoder comparison")
+    ap.add_argument("--decoders-frames", type=int, default=DECODERS_FRAMES)
+    ap.add_argument("--tiled-time-size", default="{}x{}".format(*TILED_TIME_OUTPUT),
+                    help="output width x height of the tiny decoder's tiled-vs-untiled time")
+    ap.add_argument("--tiled-time-frames", type=int, default=TILED_TIME_FRAMES)
     ap.add_argument("--stream-frames", default="150,600")
     ap.add_argument("--stream-size", help="input width x height (quick 80x34, full 160x68)")
     ap.add_argument("--stream-scale", type=int, default=4)
@@ -187,17 +198,76 @@ def _overhead_rows(section):
 
 def _decode_rows(d):
     head = d["headline"]["decode"]
-    size = f"{d['output'][2]}×{d['output'][1]}"
     seconds = head.get("seconds") or d["median_seconds"]
     variants = ["pack_tiled", "untiled", "comfyui_tiled"]
     return [("`decode.tiled_rss_ratio`", _values(head, ["tiled_rss_ratio"], lambda v: f"{v:.2f}"),
              *_trust(head, ["tiled_rss_ratio"]),
-             f"peak memory above baseline (median), pack's 4×4-tiled ÷ untiled decode, {d['output'][0]} frames at "
-             f"{size} (ComfyUI VAEDecodeTiled: {_values(head, ['comfyui_tiled_rss_ratio'], lambda v: f'{v:.2f}')})"),
+             f"peak memory above baseline (median), pack's 4×4-tiled ÷ untiled decode, {_output_text(d)}, width-8 "
+             f"VAE (ComfyUI VAEDecodeTiled: {_values(head, ['comfyui_tiled_rss_ratio'], lambda v: f'{v:.2f}')})"),
             ("`decode.max_abs_diff`", f"{d['max_abs_diff']['pack_tiled']:.3f}", "—", "deterministic",
              f"vs untiled on 0..1 (ComfyUI VAEDecodeTiled: {d['max_abs_diff']['comfyui_tiled']:.3f})"),
             ("`decode.seconds`", _values(seconds, variants, lambda v: f"{v:.1f} s"), *_trust(seconds, variants),
-             f"one decode ({_timing_statistic(d)}): pack's tiled / untiled / ComfyUI VAEDecodeTiled")]
+             f"one decode ({_timing_statistic(d)}): pack's tiled / untiled / ComfyUI VAEDecodeTiled; not tiling's "
+             f"cost: a width-8 VAE on small tiles runs PyTorch's slow CPU conv3d (bench/decode.py)")
+            ] + _decoder_rows(d)
+
+
+def _target(d, figure):
+    target = d["targets"][figure]
+    relation = {">=": "≥", "<=": "≤"}[target["relation"]]
+    return f"; target {relation} {target['bound']:g}: {'met' if target['met'] else '**missed**'}"
+
+
+def _measured(run, names, unit):
+    """'a s / b s (n repeats)' or 'a MiB / b MiB (n repeats)' of a comparison's variants."""
+    values = run["seconds"] if unit == "s" else run["median_peak_mib"]
+    repeats = min(len(run["summary"][name]["seconds"]["repeats"]) for name in names)
+    return f"{' / '.join(f'{values[name]:.4g} {unit}' for name in names)} ({repeats} repeats)"
+
+
+def _output_text(run):
+    frames, height, width = run["output"][:3]
+    return f"{frames} frames at {width}×{height}"
+
+
+def _grid_text(tiled):
+    return f"{tiled['grid'][0]}×{tiled['grid'][1]} tiles of {tiled['tile_px']} px, overlap {tiled['overlap_px']} px"
+
+
+def _decoder_rows(d):
+    """The full / light / tiny decoder comparison and the time of tiling the tiny decoder (absent from sections
+    measured before them)."""
+    if "decoders" not in d:
+        return []
+    head, decoders, tiled = d["headline"]["decode"], d["decoders"], d["tiled_time"]
+    params, full_tiny, full_light = decoders["params_m"], ["full_vae", "tiny"], ["full_vae", "light_vae"]
+
+    def row(figure, fmt, what):
+        return (f"`decode.{figure}`", _values(head, [figure], fmt), *_trust(head, [figure]), what)
+
+    times, ratio = (lambda v: f"{v:.2f}×"), (lambda v: f"{v:.2f}")
+    return [row("tiny_speedup", times,
+                f"decode time (fastest repeat), full Wan2.1 VAE (width {decoders['full_dim']}, {params['full_vae']} M "
+                f"parameters) ÷ tiny TAEHV decoder ({params['tiny']} M, taew2_1's architecture), the same latent, "
+                f"{_output_text(decoders)}, untiled through the pack's decode, random {decoders['dtype']['full_vae']} "
+                f"weights: {_measured(decoders, full_tiny, 's')}{_target(d, 'tiny_speedup')}"),
+            row("tiny_memory_ratio", ratio,
+                f"peak memory above baseline (median), tiny ÷ full: {_measured(decoders, full_tiny[::-1], 'MiB')}"
+                f"{_target(d, 'tiny_memory_ratio')}"),
+            row("light_vae_speedup", times,
+                f"the same, full ÷ light VAE geometry (Wan2.1 VAE at width {decoders['light_dim']}, "
+                f"{params['light_vae']} M, for lightvaew2_1): {_measured(decoders, full_light, 's')}"),
+            row("light_vae_memory_ratio", ratio,
+                f"peak memory above baseline (median), light ÷ full: {_measured(decoders, full_light[::-1], 'MiB')}"),
+            row("tiled_time_ratio", times,
+                f"decode time (fastest repeat), tiny decoder through the pack's decode_tiled, {_grid_text(tiled)} ÷ "
+                f"one tile, {_output_text(tiled)}: {_measured(tiled, ['tiled', 'untiled'], 's')}"
+                f"{_target(d, 'tiled_time_ratio')}"),
+            ("`decode.tiled_pixel_ratio`", f"{head['tiled_pixel_ratio']:.3f}", "—", "exact",
+             f"pixels the {_grid_text(tiled)} decode ÷ the output's (no square tile splits 16:9 into 4×4)"),
+            row("tiled_time_per_pixel_ratio", times,
+                "time per decoded pixel, tiled ÷ untiled (time ratio ÷ pixel ratio): the cost of tiling beyond the "
+                "extra pixels")]
 
 
 def _stream_rows(s):
@@ -264,26 +334,35 @@ def plots(results, folder):
     figures = {}
     if "adapter_overhead" in sections:
         runs = sections["adapter_overhead"]["runs"]
-        figures["adapter_overhead"] = ("DiT step time (fastest repeat, s)", {
+        figures["adapter_overhead"] = [("DiT step time (fastest repeat, s)", {
             f"{geometry}\n{name}": (run["timings"][name]["value"] if "timings" in run  # older results: medians
                                     else run["median_step_seconds"][name])
-            for geometry, run in runs.items() for name in ("bare", "direct", "shared_blocks")})
+            for geometry, run in runs.items() for name in ("bare", "direct", "shared_blocks")})]
     if "decode" in sections:
-        figures["decode"] = ("peak MiB above baseline", sections["decode"]["median_peak_mib"])
+        decode = sections["decode"]
+        figures["decode"] = [(f"peak MiB above baseline\nwidth-8 VAE, {_output_text(decode)}",
+                              decode["median_peak_mib"])]
+        if "decoders" in decode:
+            decoders, tiled = decode["decoders"], decode["tiled_time"]
+            figures["decode"] += [(f"decode s (fastest)\n{_output_text(decoders)}", decoders["seconds"]),
+                                  (f"peak MiB above baseline\n{_output_text(decoders)}", decoders["median_peak_mib"]),
+                                  (f"tiny decoder s (fastest)\n{_output_text(tiled)}", tiled["seconds"])]
     if "stream" in sections:
-        figures["stream"] = ("whole-run peak RSS (MiB)",
-                             {f"{r['frames']} frames": r["peak_rss_mib"] for r in sections["stream"]["runs"]})
+        figures["stream"] = [("whole-run peak RSS (MiB)",
+                              {f"{r['frames']} frames": r["peak_rss_mib"] for r in sections["stream"]["runs"]})]
     if "e2e" in sections:
-        figures["e2e"] = ("output frames per second",
-                          {f"{steps} steps": s["fps"] for steps, s in sections["e2e"]["summary"].items()})
-    for name, (ylabel, values) in figures.items():
-        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-        bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
-        ax.bar_label(bars, fmt="%.4g")
-        ax.set_ylabel(ylabel)
+        figures["e2e"] = [("output frames per second",
+                           {f"{steps} steps": s["fps"] for steps, s in sections["e2e"]["summary"].items()})]
+    for name, panels in figures.items():
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * (1 + (len(panels) - 1) / 2), 3.6), dpi=100,
+                                 squeeze=False)
+        for ax, (ylabel, values) in zip(axes[0], panels):
+            bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
+            ax.bar_label(bars, fmt="%.4g")
+            ax.set_ylabel(ylabel, fontsize=8 if len(panels) > 1 else None)
+            ax.tick_params(axis="x", labelsize=8)
         unstable = ", UNSTABLE" if sections[name].get("stable") is False else ""
-        ax.set_title(f"{name} ({sections[name]['commit'][:8] if sections[name].get('commit') else '?'}{unstable})")
-        ax.tick_params(axis="x", labelsize=8)
+        fig.suptitle(f"{name} ({sections[name]['commit'][:8] if sections[name].get('commit') else '?'}{unstable})")
         fig.tight_layout()
         fig.savefig(folder / f"{name}.png")
         plt.close(fig)

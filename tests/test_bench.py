@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from bench import decode as bench_decode
 from bench import harness, overhead
 from bench import run as bench
 
@@ -125,7 +126,8 @@ def test_harness_runs_every_section_at_small_sizes(tmp_path):
     out = tmp_path / "results" / "latest.json"
     command = [sys.executable, "-m", "bench.run", "--sections", "adapter_overhead,decode,e2e,gpu",
                "--overhead-geometries", "tiny", "--overhead-latent", "1x8x8", "--decode-px", "128",
-               "--decode-frames", "5", "--e2e-frames", "5", "--e2e-size", "32x32", "--e2e-steps", "1,2",
+               "--decode-frames", "5", "--decoders-size", "64x32", "--decoders-frames", "5", "--tiled-time-size",
+               "128x72", "--tiled-time-frames", "5", "--e2e-frames", "5", "--e2e-size", "32x32", "--e2e-steps", "1,2",
                "--repeats", "1", "--max-repeats", "1", "--accept-unstable", "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
@@ -139,6 +141,9 @@ def test_harness_runs_every_section_at_small_sizes(tmp_path):
     assert results["adapter_overhead"]["direct"] is None and results["e2e"]["fps"]["1"] is None
     _check_figures(results, ["adapter_overhead.unpublished.direct", "adapter_overhead.unpublished.shared_blocks",
                              "adapter_params_share.direct", "decode.unpublished.tiled_rss_ratio",
+                             "decode.unpublished.tiny_speedup", "decode.unpublished.tiny_memory_ratio",
+                             "decode.unpublished.light_vae_speedup", "decode.unpublished.tiled_time_ratio",
+                             "decode.tiled_pixel_ratio", "decode.unpublished.tiled_time_per_pixel_ratio",
                              "e2e.fps.unpublished.1", "e2e.fps.unpublished.2",
                              "adapter_overhead.flops_share.unpublished.shared_blocks"])
     overhead_run = results["sections"]["adapter_overhead"]["runs"]["tiny"]
@@ -152,6 +157,15 @@ def test_harness_runs_every_section_at_small_sizes(tmp_path):
     assert decode["output"] == [5, 128, 128, 3]
     assert decode["max_abs_diff"]["pack_tiled"] < 0.2  # blended tiles, not garbage
     assert decode["median_peak_mib"]["pack_tiled"] < decode["median_peak_mib"]["untiled"]
+    decoders, tiled = decode["decoders"], decode["tiled_time"]
+    assert decoders["latent"] == [1, 16, 2, 4, 8] and decoders["output"] == [5, 32, 64, 3]
+    assert (decoders["full_dim"], decoders["light_dim"]) == (bench_decode.FULL_VAE_DIM, bench_decode.LIGHTVAE_DIM)
+    assert decoders["params_m"]["tiny"] == pytest.approx(11.3, abs=0.1)  # TAEHV, encoder and decoder
+    assert decoders["policy"]["max_repeats"] == 1 and decode["policy"]["max_repeats"] == 1
+    # 72x128 px = 9x16 latent px; overlap 4: the smallest square tile giving at most 16 tiles is 7 (2x4 tiles)
+    assert tiled["output"] == [5, 72, 128, 3] and (tiled["grid"], tiled["tile_px"]) == ([2, 4], 56)
+    assert results["decode"]["tiled_pixel_ratio"] == round(2 * 7 * 4 * 7 / (9 * 16), 3)
+    assert set(decode["targets"]) == {"tiny_speedup", "tiny_memory_ratio", "tiled_time_ratio"}
     for runs in results["sections"]["e2e"]["runs"].values():
         assert [(r["frames"], r["size"]) for r in runs] == [(5, [128, 128])]
     if not harness.machine()["gpu"]:
@@ -159,6 +173,41 @@ def test_harness_runs_every_section_at_small_sizes(tmp_path):
     assert {p.name for p in out.parent.glob("*.png")} == {"adapter_overhead.png", "decode.png", "e2e.png"}
     table = bench.readme_table(results)
     assert "| spread | verdict |" in table and "**unstable**" in table
+
+
+def test_the_decoder_comparison_gives_every_decoder_the_same_latent_and_output_shape(monkeypatch):
+    # The worker at a small size (narrow Wan VAEs): each model's decode records the latents it is handed, so a
+    # decoder fed another latent (another seed, another size) fails here, and the worker itself refuses frames of
+    # different shapes.
+    import hashlib
+
+    import comfy.ldm.wan.vae
+    import comfy.taesd.taehv
+    import torch
+
+    handed = {}
+    for model in (comfy.ldm.wan.vae.WanVAE, comfy.taesd.taehv.TAEHV):
+        def recording(self, z, *args, decode=model.decode, **kwargs):
+            handed.setdefault(id(self), []).append(hashlib.sha256(z.contiguous().numpy().tobytes()).hexdigest())
+            return decode(self, z, *args, **kwargs)
+
+        monkeypatch.setattr(model, "decode", recording)
+    policy = harness.RepeatPolicy(min_repeats=2, max_repeats=2)
+    run = bench_decode.decoders_worker({"output": [64, 32], "frames": 5, "full_dim": 16, "light_dim": 8,
+                                        "policy": policy.to_dict()})
+    assert run["latent"] == [1, 16, 2, 4, 8] and run["output"] == [5, 32, 64, 3]
+    assert len(handed) == 3  # full, light, tiny: each a warm-up on the first latent frame, then two repeats
+    assert len({tuple(latents) for latents in handed.values()}) == 1 and len(next(iter(handed.values()))) == 3
+    with pytest.raises(ValueError, match="different shapes"):
+        bench_decode.measure_interleaved({"full": lambda z: torch.zeros(5, 32, 64, 3),
+                                          "tiny": lambda z: torch.zeros(4, 32, 64, 3)},
+                                         torch.zeros(1, 16, 2, 4, 8), policy, torch.device("cpu"))
+    # the full VAE takes minutes per decode: its comparison needs only the rounds that confirm a minimum, and may
+    # start rounds for an hour (a 15-minute bound would stop it after three however disturbed)
+    heavy = bench_decode.decoders_policy(harness.RepeatPolicy(min_repeats=5, max_repeats=15, max_seconds=900))
+    assert (heavy.min_repeats, heavy.max_repeats, heavy.max_seconds) == (harness.CONFIRM, 6, 3600)
+    one = bench_decode.decoders_policy(harness.RepeatPolicy(min_repeats=1, max_repeats=1))
+    assert (one.min_repeats, one.max_repeats) == (1, 1)
 
 
 # --- the repeat policy, with a fake timer ------------------------------------------------------------------------
