@@ -57,7 +57,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="LiteVSR benchmarks -> bench/results/latest.json")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
     ap.add_argument("--full", action="store_true",
-                    help=f"the full sizes ({FULL}) instead of the quick ones ({QUICK}); about two hours on 2 CPU "
+                    help=f"the full sizes ({FULL}) instead of the quick ones ({QUICK}); about three hours on 2 CPU "
                          "cores, most of it the 160x68 streaming runs and the 69-frame decodes")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--readme", action="store_true", help="rewrite README.md's performance table from the JSON")
