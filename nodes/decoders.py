@@ -13,8 +13,7 @@ import comfy.model_management
 import torch
 
 from .core.decode import decode_latent_tiling, tiled_decode
-from .core.memory_plan import MIN_DECODE_TILE_PX
-from .core.oom import release_cached_memory
+from .core.oom import halved_decode_tile, release_cached_memory
 from .planner import is_oom
 
 log = logging.getLogger("LiteVSR")
@@ -114,16 +113,17 @@ def decode_tiled(vae, latent, tile_px, overlap_px, on_tile=None):
 
 
 def decode_tiled_fitting(vae, latent, tile_px, overlap_px, on_tile=None):
-    """`decode_tiled`, redone with the tile halved (on the VAE stride, overlap at most a quarter of it) each time
-    it runs out of memory, down to MIN_DECODE_TILE_PX. For a decode that is a step of its own (the Tiled Decode
-    node); a streaming run backs off per chunk instead (streaming.retrying)."""
+    """`decode_tiled`, redone each time it runs out of memory with the tile halved as a streaming run halves it
+    (oom.halved_decode_tile: the side actually decoded, so a tile larger than the image is not retried as is;
+    overlap at most a quarter of the tile). For a decode that is a step of its own (the Tiled Decode node); a
+    streaming run backs off per chunk instead (streaming.retrying)."""
     stride = vae.spacial_compression_decode()
     while True:
         try:
             return decode_tiled(vae, latent, tile_px, overlap_px, on_tile)
         except Exception as exc:  # an interrupt (BaseException) passes untouched
-            smaller = max(MIN_DECODE_TILE_PX, tile_px // 2 // stride * stride)
-            if not is_oom(exc) or smaller >= tile_px:
+            smaller = halved_decode_tile(tile_px, max(latent.shape[-2:]) * stride, stride)
+            if not is_oom(exc) or smaller is None:
                 raise
         release_cached_memory()
         log.warning("LiteVSR: out of memory decoding %d px tiles, retrying with %d px", tile_px, smaller)

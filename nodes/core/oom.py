@@ -90,12 +90,18 @@ def _halve_dit_tile(p: Plan):
     return "dit_tile", tuple(p.dit_tile), new
 
 
-def _halve_decode_tile(p: Plan):
-    stride = p.signature.vae_stride
-    effective = max(p.decode_tile_hw_px)
+def halved_decode_tile(tile_px, largest_side_px, stride):
+    """The VAE tile side after an OOM: half the side actually decoded (the tile, at most the image's longer side),
+    on the stride, not below MIN_DECODE_TILE_PX; None when it is at that floor already."""
+    effective = min(tile_px, largest_side_px)
     floor = min(effective, round_up(MIN_DECODE_TILE_PX, stride))
     new = max(floor, round_down(effective // 2, stride))
-    return None if new >= effective else ("decode_tile", p.decode_tile, new)
+    return None if new >= effective else new
+
+
+def _halve_decode_tile(p: Plan):
+    new = halved_decode_tile(p.decode_tile, max(p.decode_tile_hw_px), p.signature.vae_stride)
+    return None if new is None else ("decode_tile", p.decode_tile, new)
 
 
 def halve_for(stage, p: Plan):
