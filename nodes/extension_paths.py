@@ -5,6 +5,8 @@ import os
 import folder_paths
 
 ADAPTER_FOLDER = "litevsr"
+INFVSR_FOLDER = "infvsr"  # InfVSR's reference encoder files (RAM Swin-L, DAPE); its DiT goes to diffusion_models
 TRAINING_OUTPUT = "litevsr_training"  # checkpoints: output/litevsr_training/<run_name>/
 
-folder_paths.add_model_folder_path(ADAPTER_FOLDER, os.path.join(folder_paths.models_dir, ADAPTER_FOLDER))
+for folder in (ADAPTER_FOLDER, INFVSR_FOLDER):
+    folder_paths.add_model_folder_path(folder, os.path.join(folder_paths.models_dir, folder))
