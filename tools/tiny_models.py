@@ -166,3 +166,52 @@ def tiny_wan_i2v_state_dict(dim=128, num_layers=1, seed=0):
 def save_tiny_wan_i2v(path, **kwargs):
     save_file(tiny_wan_i2v_state_dict(**kwargs), str(path))
     return path
+
+
+# InfVSR's reference encoder (nodes/core/reference_encoder.py): a tiny Swin in RAM's key layout (embed 16, four
+# stages of two blocks, heads 1/2/4/8, window 3, so 96 px images and a 3x3 final map) with a 512-wide image_proj,
+# and DAPE LoRA for each of its qkv projections. RAM's file also holds its tagging heads and the Swin's stored
+# buffers; a few stand-ins for those prove that loading keeps only the encoder.
+TINY_SWIN = dict(in_channels=3, patch=4, embed_dim=16, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), windows=(3, 3, 3, 3),
+                 mlp_ratio=4, image_size=96)
+
+
+def tiny_ram_state_dict(seed=0):
+    """RAM's checkpoint layout (the "model" entry): `visual_encoder.*` with its stored buffers, `image_proj.*`,
+    and tagging-head entries that the reference encoder must ignore."""
+    from comfyui_litevsr.nodes.core.reference_encoder import ReferenceEncoder
+    from comfyui_litevsr.nodes.core.swin import SwinGeometry
+
+    encoder = ReferenceEncoder(SwinGeometry(**TINY_SWIN), context_dim=512)
+    init_(encoder, seed)
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
+    stored_buffers = {name: buffer.clone() for name, buffer in encoder.named_buffers()}
+    return {**state, **stored_buffers,
+            "label_embed": torch.randn(8, 512, generator=torch.Generator().manual_seed(seed + 1)),
+            "tagging_head.embeddings.LayerNorm.weight": torch.ones(768)}
+
+
+def tiny_dape_state_dict(ram_state, rank=2, seed=1):
+    """DAPE's LoRA for each `attn.qkv` of `ram_state`: lora_A [2 * rank, dim], lora_B [2 * dim, rank] (query and
+    value pairs; loralib's MergedLinear with enable_lora [True, False, True]). Drawn non-zero, so merging shows."""
+    gen = torch.Generator().manual_seed(seed)
+    dape = {}
+    for key, weight in ram_state.items():
+        if key.endswith(".attn.qkv.weight"):
+            module, dim = key[:-len(".weight")], weight.shape[1]
+            dape[f"{module}.lora_A"] = torch.randn(2 * rank, dim, generator=gen) / dim ** 0.5
+            dape[f"{module}.lora_B"] = torch.randn(2 * dim, rank, generator=gen)
+    return dape
+
+
+def save_tiny_reference(folder, seed=0):
+    """Writes `ram_swin_large_14m.pth` ({"model": state dict}, as RAM publishes it) and `DAPE.pth` (flat) into
+    `folder`; returns both paths."""
+    from comfyui_litevsr.nodes.core.reference_encoder import DAPE_FILE, RAM_FILE
+
+    ram = tiny_ram_state_dict(seed)
+    ram_path, dape_path = Path(folder, RAM_FILE), Path(folder, DAPE_FILE)
+    ram_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": ram}, ram_path)
+    torch.save(tiny_dape_state_dict(ram, seed=seed + 1), dape_path)
+    return ram_path, dape_path
