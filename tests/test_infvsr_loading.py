@@ -1,6 +1,7 @@
 """InfVSR's DiT as a stock ComfyUI MODEL (nodes/infvsr.py) and its pickles converted to safetensors (tools/infvsr.py):
 the released .ckpt and its conversion load to the same model; a pickle carrying code is refused by both without the
 code running; the stock loader cannot load the file at all, which is why the loader exists."""
+import inspect
 import pickle
 import subprocess
 import sys
@@ -87,6 +88,16 @@ def test_infvsr_is_told_from_a_stock_wan_and_recognised_as_wan21(infvsr_ckpt, ti
     assert is_infvsr(infvsr) and not is_infvsr(tiny_dit)
     assert backbone_signature(infvsr) == BackboneSignature("wan2.1", dim=256, num_layers=2, num_heads=2,
                                                            latent_channels=16, vae_stride=8, text_dim=512)
+
+
+def test_newer_comfyui_reloads_it_for_a_deep_copy(infvsr_ckpt):
+    """ComfyUI >= 0.1x deep-copies a MODEL (training, Dynamic VRAM delegates) by calling its loader again."""
+    model = load_infvsr_dit(str(infvsr_ckpt))
+    if "force_deepcopy" not in inspect.signature(model.clone).parameters:
+        pytest.skip("this ComfyUI's clone() shares the model; it never reloads")
+    copy = model.clone(force_deepcopy=True)
+    assert copy.model is not model.model and is_infvsr(copy)
+    assert torch.equal(output(copy), output(model))
 
 
 def test_a_checkpoint_prefix_is_stripped_as_comfyui_strips_it(infvsr_ckpt, tmp_path):
