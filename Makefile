@@ -40,6 +40,9 @@
 #                                  in MODELS_DIR, which are missing and where each goes (tools/models.py); DOWNLOAD=1
 #                                  fetches the missing ones (default: Wan2.1 T2V 1.3B + its VAE; ONLY=ids, family
 #                                  ids or all), resumable and SHA-256 verified before it gets its final name
+#   make infvsr-convert IN=InfVSR.ckpt OUT=.../diffusion_models/InfVSR.safetensors   one of InfVSR's pickles (its DiT,
+#                                  RAM's ram_swin_large_14m.pth, DAPE.pth) converted once to safetensors; RAM keeps
+#                                  only its image encoder (tools/infvsr.py)
 #
 # Without MODELS_DIR (a folder holding diffusion_models/, vae/, litevsr/), demo and serve use tiny
 # random-weight Wan stand-ins: the output only demonstrates the pipeline. So do `make upscale` and `make train`
@@ -70,6 +73,7 @@ SEGMENT_CHUNKS ?= $(if $(filter 1,$(NPROC)),0,4)
 UPSCALE_ARGS ?=
 DATA     ?=
 OUT      ?=
+IN       ?=
 RESUME   ?=
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
@@ -83,7 +87,8 @@ TORCHRUN_LAUNCH = $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distrib
 # STEPS defaults to 1 for sampling; `make train` takes only a STEPS that was given
 TRAIN_STEPS = $(if $(filter command line environment,$(origin STEPS)),$(STEPS),)
 
-.PHONY: env test test-quick test-matrix test-browser demo serve upscale train bench gpu-check eval models clean
+.PHONY: env test test-quick test-matrix test-browser demo serve upscale train bench gpu-check eval models infvsr-convert \
+	clean
 
 env:
 	@$(if $(LITEVSR_PYTHON),true,bash tools/bootstrap_env.sh)
@@ -139,6 +144,10 @@ models: env
 	@test -n "$(MODELS_DIR)" || { echo "make models needs MODELS_DIR=folder (diffusion_models/, vae/, text_encoders/, litevsr/ under it)" >&2; exit 2; }
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m tools.models --models-dir "$(MODELS_DIR)" \
 		$(if $(filter-out 0,$(DOWNLOAD)),--download) $(if $(ONLY),--only "$(ONLY)")
+
+infvsr-convert: env
+	@test -n "$(IN)" && test -n "$(OUT)" || { echo "make infvsr-convert needs IN=file.ckpt/.pth OUT=file.safetensors" >&2; exit 2; }
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m tools.infvsr convert "$(IN)" "$(OUT)"
 
 clean:
 	rm -rf output .serve

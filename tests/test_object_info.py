@@ -2,7 +2,8 @@
 
 PACK_NODES = {"LiteVSRAttachAdapter", "LiteVSREncodeVideo", "LiteVSRSampler", "LiteVSRTiledDecode",
               "LiteVSRColorCorrect", "LiteVSRUpscaleVideoFile", "LiteVSRVideoDataset", "LiteVSRDegradation",
-              "LiteVSRTrainAdapter", "LiteVSRSaveAdapter", "LiteVSRCheckModels", "LiteVSRCompare"}
+              "LiteVSRTrainAdapter", "LiteVSRSaveAdapter", "LiteVSRCheckModels", "LiteVSRCompare",
+              "LiteVSRLoadInfVSR", "LiteVSRLoadInfVSRReference"}
 
 
 def test_every_node_is_documented(object_info):

@@ -35,12 +35,14 @@ def init_(module, seed, weight_std=None):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
 
 
-def tiny_wan_dit_state_dict(dim=256, num_layers=2, family="wan2.1", ffn_dim=None, seed=0, head_std=None):
+def tiny_wan_dit_state_dict(dim=256, num_layers=2, family="wan2.1", ffn_dim=None, seed=0, head_std=None,
+                            text_dim=TEXT_DIM):
     """State dict of the stand-in DiT of a registry family: a Wan T2V DiT with the family's latent channels, patch
     and model type, which ComfyUI's detection loads as that family's model (Wan2.1 at 16 channels, Wan2.2 at 48).
 
     `head_std`: std of the output projection. The default 0.02 makes the stand-in's velocity far smaller than a
-    trained Wan's (unit scale); training tests use 1/sqrt(dim) so an adapter can steer the output to the target."""
+    trained Wan's (unit scale); training tests use 1/sqrt(dim) so an adapter can steer the output to the target.
+    `text_dim`: the context width (umt5's by default; InfVSR's DiT reads 512-wide visual tokens)."""
     import comfy.ldm.wan.model
     import comfy.ops
 
@@ -50,7 +52,7 @@ def tiny_wan_dit_state_dict(dim=256, num_layers=2, family="wan2.1", ffn_dim=None
     model = comfy.ldm.wan.model.WanModel(
         model_type=entry.recognition.model_type, patch_size=entry.patch, in_dim=entry.latent_channels,
         out_dim=entry.latent_channels, dim=dim, ffn_dim=ffn_dim or 2 * dim, freq_dim=backbones.FREQ_DIM,
-        text_dim=TEXT_DIM, num_heads=dim // 128, num_layers=num_layers, operations=comfy.ops.disable_weight_init)
+        text_dim=text_dim, num_heads=dim // 128, num_layers=num_layers, operations=comfy.ops.disable_weight_init)
     init_(model, seed, weight_std=0.02)
     if head_std is not None:
         head = model.head.head.weight
@@ -215,3 +217,15 @@ def save_tiny_reference(folder, seed=0):
     torch.save({"model": ram}, ram_path)
     torch.save(tiny_dape_state_dict(ram, seed=seed + 1), dape_path)
     return ram_path, dape_path
+
+
+# --- InfVSR's DiT: a Wan2.1 T2V DiT reading 512-wide visual tokens, released as a pickled bf16 state dict ---------
+from comfyui_litevsr.nodes.core.geometry import INFVSR_CONTEXT_DIM  # noqa: E402
+
+
+def save_tiny_infvsr(path, dim=256, num_layers=2, seed=0):
+    """A stand-in for InfVSR.ckpt in its own format: the bf16 state dict (original Wan key names, context width
+    512) written by torch.save, as the third-party file is."""
+    state = tiny_wan_dit_state_dict(dim=dim, num_layers=num_layers, seed=seed, text_dim=INFVSR_CONTEXT_DIM)
+    torch.save({key: tensor.to(torch.bfloat16) for key, tensor in state.items()}, str(path))
+    return path

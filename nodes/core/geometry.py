@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 WAN_PATCH = (1, 2, 2)  # every Wan T2V DiT patchifies latents 1x2x2
 TEMPORAL_STRIDE = 4  # Wan VAEs: 4n+1 frames <-> n+1 latent frames
 TEXT_DIM = 4096  # umt5-xxl width every Wan DiT reads its text context at
+INFVSR_CONTEXT_DIM = 512  # InfVSR's Wan2.1 DiT reads DAPE visual tokens (RAM's image_proj), not umt5, as context
 
 
 @dataclass(frozen=True)

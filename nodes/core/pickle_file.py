@@ -5,6 +5,7 @@ refuses any other global before calling it, so a file carrying code is refused a
 result is then checked to be a (possibly nested) mapping of names to tensors."""
 import os
 import pickle
+import warnings
 import zipfile
 
 import torch
@@ -25,7 +26,9 @@ def read_tensor_pickle(path):
     raises PickleRefused with one line otherwise. Zip-format files are memory-mapped, not read into RAM."""
     name = os.path.basename(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch's note on a non-default pickle protocol; the outcome is reported
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         # torch's message is long advice about weights_only; the unpickler's own complaint is what matters
