@@ -4,7 +4,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from . import extension_paths  # noqa: F401 - registers models/litevsr, which the report lists
+from . import extension_paths  # noqa: F401 - registers models/litevsr and models/infvsr, which the report lists
 from .decoders import tiny_decoder_support
 from .model_files import check, load_manifest
 
@@ -35,10 +35,13 @@ class LiteVSRCheckModels(io.ComfyNode):
             category="LiteVSR",
             description="Lists the model files LiteVSR supports (Wan2.1 T2V 1.3B/14B and Wan2.2 TI2V-5B DiTs, their "
                         "VAEs, the optional umt5 text encoder, the optional fast Wan decoders for the stock Load VAE "
-                        "in vae/ or vae_approx/) and reports, for ComfyUI's own model folders, which "
+                        "in vae/ or vae_approx/, and InfVSR's DiT in diffusion_models/ and reference encoder files "
+                        "in infvsr/, with licence and source) and reports, for ComfyUI's own model folders, which "
                         "are present and intact, which are missing (with the exact path each one goes to and its "
-                        "download URL) and which backbones are ready to use. Downloads nothing: fetch missing files "
-                        "with `make models` / tools/models.py (resumable, SHA-256 verified) or by hand.",
+                        "download URL) and which backbones and models are ready to use. InfVSR's PyTorch pickles "
+                        "are read weights-only; the report gives the optional `python -m tools.infvsr convert` line "
+                        "that turns each into safetensors once. Downloads nothing: fetch missing files with "
+                        "`make models` / tools/models.py (resumable, SHA-256 verified) or by hand.",
             inputs=[
                 io.Boolean.Input("verify_hash", default=False,
                                  tooltip="Also compute the SHA-256 of every present file and compare it with the "

@@ -2,6 +2,11 @@
 intact. Standard library only; nothing of ComfyUI (the check node passes ComfyUI's `folder_paths.get_folder_paths`
 as the folder lookup, `tools/models.py` a lookup over one models folder). The verified, resumable download is
 `tools/models.py`'s, its only user; a partial download it left (`partial_path`) is reported here.
+
+A family is a Wan backbone (`kind` "backbone": a release of nodes/core/backbones.py, one DiT + its VAE, adapters
+attach to it) or a complete model run as published (`kind` "model": InfVSR, whose DiT, VAE and reference encoder
+files are listed). Third-party PyTorch pickles (.ckpt/.pth) may only serve model families: their loaders read them
+weights-only, or the safetensors copy `python -m tools.infvsr convert` writes once (found as `<stem>.safetensors`).
 """
 import hashlib
 import json
@@ -12,21 +17,29 @@ from dataclasses import dataclass
 
 MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "models.json")
 MANIFEST_FORMAT = 1
-FOLDERS = ("diffusion_models", "vae", "vae_approx", "text_encoders", "litevsr")
+FOLDERS = ("diffusion_models", "vae", "vae_approx", "text_encoders", "litevsr", "infvsr")
 LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}  # ComfyUI reads these too
 # role -> the folders its files may go to. A decoder (a tiny or light Wan decoder for ComfyUI's stock Load VAE) goes
 # where that loader reads it: vae_approx/ for the few names it takes from there, vae/ otherwise (weights/README.md).
 ROLES = {"dit": ("diffusion_models",), "vae": ("vae",), "decoder": ("vae", "vae_approx"),
-         "text_encoder": ("text_encoders",), "adapter": ("litevsr",)}
+         "text_encoder": ("text_encoders",), "adapter": ("litevsr",), "reference": ("infvsr",)}
+KINDS = ("backbone", "model")  # a Wan release adapters attach to; a complete model run as published (InfVSR)
+PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt", ".bin")  # nodes/core/pickle_file.py's (tested equal)
+SAFETENSORS = ".safetensors"
+CONVERT_COMMAND = "python -m tools.infvsr convert"
 CHECKABLE = ("size", "sha256")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 PART_SUFFIX = ".part"
 CHUNK = 1 << 20
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # plain http only there (tests)
 
-OK, VERIFIED, UNVERIFIED = "ok", "verified", "present-unverified"
+OK, VERIFIED, UNVERIFIED, CONVERTED = "ok", "verified", "present-unverified", "converted"
 MISSING, WRONG_SIZE, HASH_MISMATCH = "missing", "wrong-size", "hash-mismatch"
-PRESENT = (OK, VERIFIED, UNVERIFIED)
+PRESENT = (OK, VERIFIED, UNVERIFIED, CONVERTED)
+
+
+def is_pickle_name(name):
+    return name.lower().endswith(PICKLE_SUFFIXES)
 
 
 class ModelFileError(Exception):
@@ -49,10 +62,20 @@ class ModelFile:
     source: str
     optional: bool = False
     unverified: tuple = ()
+    licence: str | None = None
 
     @property
     def relative(self):
         return f"{self.folder}/{self.name}"
+
+    @property
+    def pickle(self):
+        return is_pickle_name(self.name)
+
+    @property
+    def converted_name(self):
+        """The name `tools.infvsr convert` gives a pickle's safetensors copy (same stem); None for safetensors."""
+        return os.path.splitext(self.name)[0] + SAFETENSORS if self.pickle else None
 
 
 @dataclass(frozen=True)
@@ -62,6 +85,8 @@ class Family:
     dits: tuple  # file ids, preferred first
     vae: str
     default: bool = False
+    kind: str = "backbone"  # KINDS
+    references: tuple = ()  # file ids of role "reference" the family also needs (a model family's encoder)
 
 
 @dataclass(frozen=True)
@@ -73,9 +98,10 @@ class Manifest:
         return next(entry for entry in self.files if entry.id == file_id)
 
     def family_files(self, family, have=None):
-        """A DiT and the VAE of a family: the first DiT for which have(file_id) is true, else the preferred one."""
+        """A DiT, the VAE and the reference files of a family: the first DiT for which have(file_id) is true, else
+        the preferred one."""
         dit = next((dit for dit in family.dits if have is not None and have(dit)), family.dits[0])
-        return [self.file(dit), self.file(family.vae)]
+        return [self.file(dit), self.file(family.vae)] + [self.file(ref) for ref in family.references]
 
     def select(self, tokens=None, have=None):
         """Files named by tokens (file ids, file names, family ids, or "all"); none: the default families. A family
@@ -157,8 +183,14 @@ def _parse_file(raw, label, problems):
         expected = "; ".join(f"{role} -> {' or '.join(folders)}" for role, folders in ROLES.items())
         problems.append(f"{label}: role {raw['role']!r} with folder {raw['folder']!r} (expected {expected})")
     name = raw["name"]
-    if name != os.path.basename(name) or "\\" in name or name.startswith(".") or not name.endswith(".safetensors"):
-        problems.append(f"{label}: file name {name!r} must be a plain *.safetensors name")
+    if (name != os.path.basename(name) or "\\" in name or name.startswith(".")
+            or not (name.endswith(SAFETENSORS) or is_pickle_name(name))):
+        problems.append(f"{label}: file name {name!r} must be a plain *.safetensors (or, for a model family, "
+                        f"{'/'.join(PICKLE_SUFFIXES)}) name")
+    licence = raw.get("licence")
+    if licence is not None and (not isinstance(licence, str) or not licence):
+        problems.append(f"{label}: 'licence' must be a non-empty string or absent, not {licence!r}")
+        licence = None
     source = urllib.parse.urlparse(raw["source"])
     if not (source.scheme == "https" and source.netloc or source.scheme == "http" and source.hostname in LOOPBACK):
         problems.append(f"{label}: source {raw['source']!r} is not an https URL")
@@ -177,8 +209,10 @@ def _parse_file(raw, label, problems):
         families = []
     if raw["role"] == "decoder" and not families:
         problems.append(f"{label}: a decoder must list the families whose latents it decodes")
+    if raw["role"] == "reference" and not families:
+        problems.append(f"{label}: a reference file must list the model families that use it")
     return ModelFile(raw["id"], raw["role"], raw["folder"], name, tuple(families), size, sha256, raw["source"],
-                     bool(raw.get("optional", False)), tuple(missing))
+                     bool(raw.get("optional", False)), tuple(missing), licence)
 
 
 def _parse_family(raw, label, problems):
@@ -186,8 +220,16 @@ def _parse_family(raw, label, problems):
             or not isinstance(raw.get("dits"), list) or not raw["dits"]):
         problems.append(f"{label}: needs 'id', 'vae' and a non-empty 'dits' list")
         return None
+    kind, references = raw.get("kind", "backbone"), raw.get("references", [])
+    if kind not in KINDS:
+        problems.append(f"{label} ({raw['id']}): kind {kind!r} is not one of {', '.join(KINDS)}")
+    if not isinstance(references, list) or not all(isinstance(ref, str) for ref in references):
+        problems.append(f"{label} ({raw['id']}): 'references' must be a list of file ids")
+        references = []
+    if kind == "backbone" and references:
+        problems.append(f"{label} ({raw['id']}): a backbone family takes no reference files (a model family does)")
     return Family(raw["id"], str(raw.get("title", raw["id"])), tuple(raw["dits"]), raw["vae"],
-                  bool(raw.get("default", False)))
+                  bool(raw.get("default", False)), kind, tuple(references))
 
 
 def _cross_check(files, families, problems):
@@ -199,16 +241,26 @@ def _cross_check(files, families, problems):
     places = [(entry.folder, entry.name) for entry in files]
     for place in sorted({place for place in places if places.count(place) > 1}):
         problems.append(f"{place[0]}/{place[1]} is listed twice")
-    family_ids = [family.id for family in families]
+    by_family = {family.id: family for family in families}
     for family in families:
-        for file_id, role in [(dit, "dit") for dit in family.dits] + [(family.vae, "vae")]:
+        needed = ([(dit, "dit") for dit in family.dits] + [(family.vae, "vae")]
+                  + [(ref, "reference") for ref in family.references])
+        for file_id, role in needed:
             entry = by_id.get(file_id)
             if entry is None or entry.role != role or family.id not in entry.families:
                 problems.append(f"family {family.id!r}: {file_id!r} is not a {role} file serving this family")
     for entry in files:
-        for family in entry.families:
-            if family not in family_ids:
-                problems.append(f"{entry.id}: unknown family {family!r}")
+        for family_id in entry.families:
+            if family_id not in by_family:
+                problems.append(f"{entry.id}: unknown family {family_id!r}")
+            elif entry.role == "reference" and entry.id not in by_family[family_id].references:
+                problems.append(f"{entry.id}: family {family_id!r} does not list this reference file")
+        kinds = {by_family[family_id].kind for family_id in entry.families if family_id in by_family}
+        if entry.pickle and kinds != {"model"}:
+            problems.append(f"{entry.id}: a pickle ({entry.name}) may only serve model families, whose loaders read "
+                            f"it weights-only; this one serves {sorted(entry.families) or 'none'}")
+        if kinds == {"model"} and entry.licence is None:
+            problems.append(f"{entry.id}: a file serving only model families needs its 'licence'")
 
 
 # --- where files are, and whether they are intact ----------------------------------------------------------------
@@ -283,6 +335,9 @@ def sha256_of(path, progress=None, chunk_size=CHUNK):
 def check_file(entry, directories, verify_hash=False, progress=None):
     target = os.path.join(target_folder(entry.folder, directories), entry.name)
     path = find_file(entry.name, directories)
+    converted = find_file(entry.converted_name, directories) if path is None and entry.pickle else None
+    if converted is not None:  # the safetensors copy of a pickle: the manifest's size and hash are the pickle's
+        return FileCheck(entry, CONVERTED, target, converted, os.path.getsize(converted))
     if path is None:
         part = partial_path(os.path.dirname(target), entry.name)
         return FileCheck(entry, MISSING, target, partial=os.path.getsize(part) if os.path.isfile(part) else None)
@@ -306,10 +361,12 @@ class Report:
         return next(check for check in self.checks if check.file.id == file_id)
 
     def family_ready(self, family):
-        """(ready, usable DiT check or None, VAE check): ready needs one usable DiT and the usable VAE."""
+        """(ready, usable DiT check or None, VAE check): ready needs one usable DiT, the usable VAE and every
+        reference file usable."""
         dit = next((self.of(dit) for dit in family.dits if self.of(dit).usable), None)
         vae = self.of(family.vae)
-        return dit is not None and vae.usable, dit, vae
+        references = all(self.of(ref).usable for ref in family.references)
+        return dit is not None and vae.usable and references, dit, vae
 
     @property
     def problems(self):
@@ -353,12 +410,17 @@ def describe(check):
     head = f"[{check.status}] {entry.relative} ({human_size(entry.size)})" + (" optional" if entry.optional else "")
     if check.status == MISSING:
         lines = [head, f"    put it at: {check.target}", f"    download: {entry.source}"]
+        if entry.sha256 is None:
+            lines.append("    no published SHA-256: tools/models.py downloads it only with --allow-unverified")
         if check.partial is not None:
             lines.append(f"    a partial download ({human_size(check.partial)}) waits to be resumed at "
                          f"{partial_path(os.path.dirname(check.target), entry.name)}")
         return lines
     lines = [head, f"    found: {check.path}"]
-    if check.status == WRONG_SIZE:
+    if check.status == CONVERTED:
+        lines.append(f"    the safetensors copy of {entry.name}: the manifest's size and SHA-256 are the pickle's, so "
+                     f"this copy is not checked")
+    elif check.status == WRONG_SIZE:
         lines.append(f"    it has {check.actual_size} bytes, expected {entry.size}: a truncated or different file; "
                      f"delete it and download it again")
     elif check.status == HASH_MISMATCH:
@@ -369,6 +431,22 @@ def describe(check):
     return lines
 
 
+def describe_model_file(check):
+    """A model family's file (InfVSR): describe()'s lines with its licence and source, and for a pickle how to
+    convert it once to safetensors (optional: the loaders read the pickle weights-only)."""
+    entry = check.file
+    head, *rest = describe(check)
+    lines = [head] + ([f"    licence: {entry.licence}"] if entry.licence else []) + rest
+    if check.status != MISSING:
+        lines.append(f"    source: {entry.source}")
+    if entry.pickle and check.status != CONVERTED:
+        pickle_path = check.path or check.target
+        copy = os.path.join(os.path.dirname(pickle_path), entry.converted_name)
+        lines.append(f"    a PyTorch pickle, read weights-only; to convert it once (optional): {CONVERT_COMMAND} "
+                     f"{pickle_path} {copy}")
+    return lines
+
+
 def describe_decoder(check):
     """A fast decoder's lines: describe()'s, with the backbone families whose latents it decodes after the head."""
     head, *rest = describe(check)
@@ -376,21 +454,23 @@ def describe_decoder(check):
 
 
 def format_report(report, verify_hash=False):
-    lines = ["LiteVSR model files" + (" (sizes and SHA-256 checked)" if verify_hash else " (sizes checked)"), "",
-             "Backbones (one DiT + its VAE; the text encoder is optional):"]
-    for family in report.manifest.families:
-        ready, dit, vae = report.family_ready(family)
-        if ready:
-            state = f"READY: {dit.file.name} + {vae.file.name}"
-        else:
-            needs = ([] if dit else [f"a DiT ({' or '.join(report.manifest.file(d).name for d in family.dits)})"]) \
-                + ([] if vae.usable else [vae.file.name])
-            state = "missing " + " and ".join(needs)
-        lines.append(f"  {family.title} [{family.id}]: {state}")
+    lines = ["LiteVSR model files" + (" (sizes and SHA-256 checked)" if verify_hash else " (sizes checked)")]
+    for kind, title in (("backbone", "Backbones (one DiT + its VAE; the text encoder is optional):"),
+                        ("model", "Models run as published (their DiT, VAE and reference encoder):")):
+        families = [family for family in report.manifest.families if family.kind == kind]
+        if families:
+            lines += ["", title] + [f"  {family.title} [{family.id}]: {_family_state(report, family)}"
+                                    for family in families]
+    model_files = {entry.id for entry in report.manifest.files if _serves_only_models(report.manifest, entry)}
     lines += ["", "Files:"]
     for check_ in report.checks:
-        if check_.file.role != "decoder":
+        if check_.file.role != "decoder" and check_.file.id not in model_files:
             lines += ["  " + line for line in describe(check_)]
+    for family in (family for family in report.manifest.families if family.kind == "model"):
+        lines += ["", f"{family.title} files (the VAE is listed above):"]
+        for check_ in report.checks:
+            if check_.file.id in model_files and family.id in check_.file.families:
+                lines += ["  " + line for line in describe_model_file(check_)]
     decoders = [check_ for check_ in report.checks if check_.file.role == "decoder"]
     if decoders:
         lines += ["", "Fast decoders (optional; ComfyUI's stock Load VAE reads each from the folder shown):"]
@@ -400,3 +480,23 @@ def format_report(report, verify_hash=False):
     for directory, names in report.adapters:
         lines.append(f"  {directory}: " + (", ".join(names) if names else "none yet"))
     return "\n".join(lines)
+
+
+def _family_state(report, family):
+    ready, dit, vae = report.family_ready(family)
+    if ready:
+        found = [dit, vae] + [report.of(ref) for ref in family.references]
+        return "READY: " + " + ".join(os.path.basename(check_.path) for check_ in found)
+    names = [_accepted_names(report.manifest.file(d)) for d in family.dits]
+    needs = ([] if dit else [f"a DiT ({' or '.join(names)})"]) + ([] if vae.usable else [vae.file.name]) \
+        + [_accepted_names(report.of(ref).file) for ref in family.references if not report.of(ref).usable]
+    return "missing " + " and ".join(needs)
+
+
+def _accepted_names(entry):
+    return f"{entry.name}/{SAFETENSORS}" if entry.pickle else entry.name  # the pickle or its converted copy
+
+
+def _serves_only_models(manifest, entry):
+    kinds = {family.kind for family in manifest.families if family.id in entry.families}
+    return kinds == {"model"}

@@ -16,6 +16,10 @@ from comfyui_litevsr.nodes import model_files as mf
 
 DECODER_PUBLISHERS = ("https://huggingface.co/lightx2v/Autoencoders/resolve/main/",
                       "https://raw.githubusercontent.com/madebyollin/taehv/")
+# InfVSR's files from their publishers: InfVSR's authors, RAM's (recognize-anything), SeeSR's (DAPE)
+INFVSR_SOURCES = {"InfVSR.ckpt": ("https://huggingface.co/zzqingz/InfVSR/", "MIT"),
+                  "ram_swin_large_14m.pth": ("https://huggingface.co/xinyu1205/recognize_anything_model/", "Apache-2.0"),
+                  "DAPE.pth": ("https://huggingface.co/CSWRY/SeeSR/", "Apache-2.0")}
 PAYLOAD = bytes(range(256)) * 997 + b"tail"  # 255,236 bytes: several chunks at the test chunk size
 CHUNK = 16 << 10
 
@@ -214,7 +218,13 @@ def test_the_real_manifest_validates():
         raw = json.load(handle)
     assert len(manifest.files) == len(raw["files"]) + len(raw["adapters"]) >= 8
     for entry in raw["files"] + raw["adapters"]:
-        assert entry["folder"] in mf.FOLDERS and entry["name"].endswith(".safetensors")
+        assert entry["folder"] in mf.FOLDERS
+        if entry["families"] == ["infvsr"]:  # InfVSR's own files: pickles from their publishers, with a licence
+            publisher, licence = INFVSR_SOURCES[entry["name"]]
+            assert entry["source"].startswith(publisher) and entry["source"].endswith("/" + entry["name"])
+            assert entry["licence"] == licence and entry["optional"] is False
+            continue
+        assert entry["name"].endswith(".safetensors")
         if entry["role"] == "decoder":  # from its publisher, optional
             assert entry["source"].startswith(DECODER_PUBLISHERS) and entry["source"].endswith("/" + entry["name"])
             assert entry["optional"] is True
@@ -227,7 +237,8 @@ def test_the_real_manifest_validates():
     names = {entry.name for entry in manifest.files}
     assert {"wan2.1_t2v_1.3B_fp16.safetensors", "wan2.2_ti2v_5B_fp16.safetensors", "wan_2.1_vae.safetensors",
             "wan2.2_vae.safetensors"} <= names
-    assert {family.id for family in manifest.families} == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-ti2v-5b"}
+    assert {family.id: family.kind for family in manifest.families} == {
+        "wan2.1-t2v-1.3b": "backbone", "wan2.1-t2v-14b": "backbone", "wan2.2-ti2v-5b": "backbone", "infvsr": "model"}
     decoders = {entry.name: set(entry.families) for entry in manifest.files if entry.role == "decoder"}
     wan21 = {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b"}
     assert decoders == {"taew2_1.safetensors": wan21, "lighttaew2_1.safetensors": wan21,
@@ -240,6 +251,31 @@ def test_the_real_manifest_validates():
     assert len(manifest.select(["all", "wan2.2-vae"])) == len(manifest.files)
     with pytest.raises(mf.ModelFileError, match="unknown model 'wan3'"):
         manifest.select(["wan3"])
+    infvsr = manifest.select(["infvsr"])  # the DiT, the stock Wan2.1 VAE and the reference encoder files
+    assert [(entry.folder, entry.name, entry.role) for entry in infvsr] == [
+        ("diffusion_models", "InfVSR.ckpt", "dit"), ("vae", "wan_2.1_vae.safetensors", "vae"),
+        ("infvsr", "ram_swin_large_14m.pth", "reference"), ("infvsr", "DAPE.pth", "reference")]
+    assert [entry.unverified for entry in infvsr] == [("size", "sha256"), (), (), ("size",)]
+
+
+def test_pickle_suffixes_are_the_pickle_readers():
+    from comfyui_litevsr.nodes.core import pickle_file
+
+    assert mf.PICKLE_SUFFIXES == pickle_file.PICKLE_SUFFIXES
+
+
+def test_infvsr_numbers_match_weights_readme():
+    """Every InfVSR number in the manifest is in weights/README.md's table with its source, and a null one is said
+    to be unverified there."""
+    text = open(os.path.join(os.path.dirname(mf.MANIFEST), "README.md"), encoding="utf-8").read()
+    rows = {line.split("|")[1].strip(" `"): line for line in text.splitlines() if line.startswith("| `")}
+    for entry in mf.load_manifest().files:
+        if entry.families != ("infvsr",):
+            continue
+        row = rows[entry.name]
+        assert f"`{entry.folder}`" in row and entry.licence in row and entry.source.split("/resolve/")[0] in row
+        assert (str(entry.size) if entry.size else "**null (unverified)**") in row
+        assert (f"`{entry.sha256[:8]}…`" if entry.sha256 else "**null (unverified)**") in row
 
 
 @pytest.mark.parametrize("change, message", [
@@ -257,6 +293,49 @@ def test_bad_manifest_entries_are_refused_by_name(change, message):
     data = manifest_dict(entry_dict("tiny-dit.safetensors", "https://h/d", PAYLOAD),
                          entry_dict("tiny-vae.safetensors", "https://h/v", b"v", "vae", "vae"))
     change(data["files"][0])
+    with pytest.raises(mf.ManifestError, match=message):
+        mf.parse_manifest(data)
+
+
+def model_manifest_dict():
+    """The tiny backbone plus a model family `m` run as published (as InfVSR is): a pickled DiT, the backbone's
+    VAE and a pickled reference file, each only m's but the VAE."""
+    data = manifest_dict(
+        entry_dict("tiny-dit.safetensors", "https://h/d", PAYLOAD),
+        entry_dict("tiny-vae.safetensors", "https://h/v", b"v", "vae", "vae", families=["tiny", "m"]),
+        entry_dict("m-dit.ckpt", "https://h/m", b"m", families=["m"], licence="MIT"),
+        entry_dict("m-ref.pth", "https://h/r", b"r", "infvsr", "reference", families=["m"], licence="Apache-2.0",
+                   sha256=False))
+    data["families"].append({"id": "m", "title": "M", "kind": "model", "dits": ["m-dit.ckpt"], "vae": "tiny-vae",
+                             "references": ["m-ref.pth"]})
+    return data
+
+
+def test_a_model_family_takes_pickles_and_reference_files():
+    manifest = mf.parse_manifest(model_manifest_dict())
+    tiny, model = manifest.families
+    assert (tiny.kind, model.kind, model.references) == ("backbone", "model", ("m-ref.pth",))
+    assert [entry.id for entry in manifest.select(["m"])] == ["m-dit.ckpt", "tiny-vae", "m-ref.pth"]
+    assert [entry.converted_name for entry in manifest.select(["m"])] == ["m-dit.safetensors", None,
+                                                                         "m-ref.safetensors"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["files"][0].update(name="tiny-dit.ckpt"), "may only serve model families"),
+    (lambda d: d["files"][2].update(families=["tiny", "m"]), "may only serve model families"),
+    (lambda d: d["files"][3].pop("licence"), "m-ref.pth: a file serving only model families needs its 'licence'"),
+    (lambda d: d["files"][3].update(licence=""), "'licence' must be a non-empty string"),
+    (lambda d: d["files"][3].update(folder="vae"), "role 'reference' with folder 'vae'"),
+    (lambda d: d["files"][3].update(families=[]), "a reference file must list the model families"),
+    (lambda d: d["families"][1].update(references=[]), "family 'm' does not list this reference file"),
+    (lambda d: d["families"][1].update(references=["tiny-vae"]), "'tiny-vae' is not a reference file"),
+    (lambda d: d["families"][0].update(references=["m-ref.pth"]), "a backbone family takes no reference files"),
+    (lambda d: d["families"][1].update(kind="pipeline"), "kind 'pipeline' is not one of backbone, model"),
+    (lambda d: d["files"][2].update(name="m-dit.exe"), "must be a plain"),
+])
+def test_bad_model_family_entries_are_refused_by_name(change, message):
+    data = model_manifest_dict()
+    change(data)
     with pytest.raises(mf.ManifestError, match=message):
         mf.parse_manifest(data)
 
@@ -337,6 +416,36 @@ def test_checker_reports_present_missing_wrong_size_and_hash(tmp_path):
     assert mf.check(unsized, lookup).of("tiny-dit").status == mf.UNVERIFIED
 
 
+def test_checker_takes_a_converted_pickle_and_needs_the_reference_files(tmp_path):
+    models = tmp_path / "models"
+    manifest = mf.parse_manifest(model_manifest_dict())
+    lookup = mf.folder_lookup(str(models))
+    for folder in ("diffusion_models", "vae", "infvsr"):
+        (models / folder).mkdir(parents=True)
+    (models / "vae" / "tiny-vae.safetensors").write_bytes(b"v")
+    (models / "diffusion_models" / "m-dit.ckpt").write_bytes(b"m")
+    model = manifest.families[1]
+    report = mf.check(manifest, lookup)
+    assert report.family_ready(model)[0] is False
+    text = report.text()
+    assert "M [m]: missing m-ref.pth/.safetensors" in text and "Models run as published" in text
+    assert f"put it at: {models / 'infvsr' / 'm-ref.pth'}" in text
+    assert (f"python -m tools.infvsr convert {models / 'diffusion_models' / 'm-dit.ckpt'} "
+            f"{models / 'diffusion_models' / 'm-dit.safetensors'}") in text
+    assert "no published SHA-256: tools/models.py downloads it only with --allow-unverified" in text  # m-ref
+
+    (models / "diffusion_models" / "m-dit.ckpt").unlink()  # converted, the pickle deleted
+    (models / "diffusion_models" / "m-dit.safetensors").write_bytes(b"a safetensors copy, other bytes")
+    (models / "infvsr" / "m-ref.pth").write_bytes(b"r")
+    report = mf.check(manifest, lookup, verify_hash=True)
+    assert report.of("m-dit.ckpt").status == mf.CONVERTED and report.of("m-ref.pth").status == mf.OK
+    assert report.problems == [] and report.family_ready(model)[0]
+    text = report.text()
+    assert "M [m]: READY: m-dit.safetensors + tiny-vae.safetensors + m-ref.pth" in text
+    assert "[converted] diffusion_models/m-dit.ckpt" in text and "licence: MIT" in text
+    assert "source: https://h/r" in text
+
+
 # --- the tool and the node ----------------------------------------------------------------------------------------
 
 
@@ -378,6 +487,14 @@ def test_node_report_names_the_exact_target_folder(tmp_path, monkeypatch):
     assert f"put it at: {tmp_path / 'vae' / 'wan2.2_vae.safetensors'}" in report
     assert "[wrong-size] vae/wan_2.1_vae.safetensors" in report
     assert f"{tmp_path / 'litevsr'}: none yet" in report
+    infvsr = report.split("\nInfVSR (one-step, causal streaming) files", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert infvsr[1:5] == ["  [missing] diffusion_models/InfVSR.ckpt (size unknown)", "      licence: MIT",
+                           f"      put it at: {tmp_path / 'diffusion_models' / 'InfVSR.ckpt'}",
+                           "      download: https://huggingface.co/zzqingz/InfVSR/resolve/main/InfVSR.ckpt"]
+    assert f"      put it at: {tmp_path / 'infvsr' / 'ram_swin_large_14m.pth'}" in infvsr
+    assert "      licence: Apache-2.0" in infvsr and "[missing] infvsr/DAPE.pth (size unknown)" in "\n".join(infvsr)
+    assert (f"python -m tools.infvsr convert {tmp_path / 'infvsr' / 'DAPE.pth'} "
+            f"{tmp_path / 'infvsr' / 'DAPE.safetensors'}") in "\n".join(infvsr)
 
     with open(tmp_path / "vae" / "wan_2.1_vae.safetensors", "r+b") as handle:  # right size (sparse), wrong bytes
         handle.truncate(mf.load_manifest().file("wan2.1-vae").size)

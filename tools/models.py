@@ -5,13 +5,14 @@
     python -m tools.models --models-dir ComfyUI/models --download          # fetch what the default backbone misses
     python -m tools.models --models-dir ComfyUI/models --download --only wan2.2-ti2v-5b,umt5-xxl-fp8-scaled
 
-The models folder holds diffusion_models/, vae/, vae_approx/, text_encoders/ and litevsr/ (ComfyUI's legacy unet/
-and clip/ are searched too). --only takes file ids, file names, backbone family ids (its preferred DiT + its VAE) or
-"all"; without it the default family (Wan2.1 T2V 1.3B) is fetched. The optional fast decoders (taew2.1, lighttaew2.1,
-...) are fetched only when named or with "all"; each goes to the folder the stock Load VAE reads it from. A download goes to a hidden `.<name>.part` beside the
-final file, resumes from there when run again (HTTP Range), and is renamed to its final name only when its SHA-256
-matches the manifest; a file without a SHA-256 in the manifest is refused unless --allow-unverified. Standard
-library only: no ComfyUI import, any Python 3.10+ runs it.
+The models folder holds diffusion_models/, vae/, vae_approx/, text_encoders/, litevsr/ and infvsr/ (ComfyUI's legacy
+unet/ and clip/ are searched too). --only takes file ids, file names, family ids (its preferred DiT + its VAE, and a
+model family's reference files: `infvsr` is InfVSR.ckpt, the Wan2.1 VAE, RAM and DAPE) or "all"; without it the
+default family (Wan2.1 T2V 1.3B) is fetched. The optional fast decoders (taew2.1, lighttaew2.1, ...) are fetched only
+when named or with "all"; each goes to the folder the stock Load VAE reads it from. A download goes to a hidden
+`.<name>.part` beside the final file, resumes from there when run again (HTTP Range), and is renamed to its final
+name only when its SHA-256 matches the manifest; a file without a SHA-256 in the manifest (InfVSR.ckpt for now) is
+refused unless --allow-unverified. Standard library only: no ComfyUI import, any Python 3.10+ runs it.
 """
 import argparse
 import hashlib
