@@ -14,7 +14,7 @@ from tools import comfy_env
 
 comfy_env.import_pack()
 from comfyui_litevsr.nodes.core import backbones  # noqa: E402
-from comfyui_litevsr.nodes.core.geometry import TEXT_DIM  # noqa: E402
+from comfyui_litevsr.nodes.core.geometry import INFVSR_CONTEXT_DIM, TEXT_DIM  # noqa: E402
 
 TEXT_LEN = 512
 
@@ -220,7 +220,6 @@ def save_tiny_reference(folder, seed=0):
 
 
 # --- InfVSR's DiT: a Wan2.1 T2V DiT reading 512-wide visual tokens, released as a pickled bf16 state dict ---------
-from comfyui_litevsr.nodes.core.geometry import INFVSR_CONTEXT_DIM  # noqa: E402
 
 
 def save_tiny_infvsr(path, dim=256, num_layers=2, seed=0):
