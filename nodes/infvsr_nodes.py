@@ -4,8 +4,9 @@ from comfy_api.latest import io
 
 from .extension_paths import INFVSR_FOLDER
 from .infvsr import WEIGHT_DTYPES, load_infvsr_dit
+from .reference import SOCKET_TYPE, load_reference_encoder
 
-REFERENCE = io.Custom("LITEVSR_REFERENCE")
+REFERENCE = io.Custom(SOCKET_TYPE)
 PICKLE_NOTE = (".ckpt/.pth files are read weights-only (a file holding anything but tensors is refused); convert "
                "them once to .safetensors with `python -m tools.infvsr convert IN OUT`.")
 
@@ -63,7 +64,5 @@ class LiteVSRLoadInfVSRReference(io.ComfyNode):
 
     @classmethod
     def execute(cls, ram_name, dape_name) -> io.NodeOutput:
-        from .reference import load_reference_encoder  # the Swin encoder's module, needed by this node alone
-
         return io.NodeOutput(load_reference_encoder(folder_paths.get_full_path_or_raise(INFVSR_FOLDER, ram_name),
                                                     folder_paths.get_full_path_or_raise(INFVSR_FOLDER, dape_name)))

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from .core.pickle_file import is_pickle_name, read_tensor_pickle, tensor_dict
 from .core.reference_encoder import ReferenceFileRefused, build_reference_encoder
 
+SOCKET_TYPE = "LITEVSR_REFERENCE"  # the ComfyUI socket type that carries a LoadedReferenceEncoder
+
 
 def read_weights(path, pickle_key=None):
     """{name: tensor} of a .pth/.ckpt (through the weights-only reader; `pickle_key`: the entry holding the state

@@ -204,14 +204,14 @@ def test_load_node_lists_diffusion_models_and_loads_infvsr(infvsr_ckpt, converte
     assert torch.isfinite(output(model)).all()
 
 
-def test_reference_node_passes_both_files_from_the_infvsr_folder(tmp_path, monkeypatch):
+def test_reference_node_loads_both_files_from_the_infvsr_folder(tmp_path):
     import folder_paths
 
-    reference = pytest.importorskip("comfyui_litevsr.nodes.reference")  # written alongside; present after merging
+    from tools import tiny_models
+
     folder_paths.add_model_folder_path("infvsr", str(tmp_path))
-    for name in ("ram.safetensors", "DAPE.safetensors"):
-        (tmp_path / name).write_bytes(b"")
-    monkeypatch.setattr(reference, "load_reference_encoder", lambda ram, dape: ("encoder", ram, dape))
-    assert {"ram.safetensors", "DAPE.safetensors"} <= set(LiteVSRLoadInfVSRReference.define_schema().inputs[0].options)
-    result = LiteVSRLoadInfVSRReference.execute("ram.safetensors", "DAPE.safetensors").result[0]
-    assert result == ("encoder", str(tmp_path / "ram.safetensors"), str(tmp_path / "DAPE.safetensors"))
+    ram, dape = tiny_models.save_tiny_reference(tmp_path)
+    assert {ram.name, dape.name} <= set(LiteVSRLoadInfVSRReference.define_schema().inputs[0].options)
+    encoder = LiteVSRLoadInfVSRReference.execute(ram.name, dape.name).result[0]
+    context = encoder.encode(torch.rand(40, 60, 3))
+    assert context.shape == (1, encoder.tokens, 512) and torch.isfinite(context).all()
