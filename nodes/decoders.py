@@ -7,14 +7,11 @@ comfy/taesd/taehv.py) and slimmer Wan VAEs (`lightvaew2_1`) through Load VAE; th
 decodes the latent in hand and calls it once per tile without ComfyUI's per-call decode wrapper.
 """
 import logging
-from contextlib import nullcontext
-
-import comfy.model_management
-import torch
 
 from .core.decode import decode_latent_tiling, tiled_decode
 from .core.oom import halved_decode_tile, release_cached_memory
 from .planner import is_oom
+from .vae_calls import frames_out, load_for_decode, on_vae_device
 
 log = logging.getLogger("LiteVSR")
 
@@ -83,23 +80,15 @@ class TileDecoder:
     def __init__(self, vae, tile_latent_shape):
         self.vae = vae
         self.unscale = latent_scaling_fix(vae)
-        if hasattr(vae, "prepare_decode"):  # newer ComfyUI: its own entry point for decoders called directly
-            vae.prepare_decode(tuple(tile_latent_shape))
-        else:
-            memory = vae.memory_used_decode(tuple(tile_latent_shape), vae.vae_dtype)
-            comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory,
-                                                    force_full_load=getattr(vae, "disable_offload", False))
+        load_for_decode(vae, tile_latent_shape)
 
     def __call__(self, latent):
         vae = self.vae
         if self.unscale is not None:
             latent = self.unscale(latent)
-        # newer ComfyUI makes the VAE's GPU the current one for the call (custom kernels read it), as VAE.decode does
-        on_device = getattr(comfy.model_management, "cuda_device_context", lambda _device: nullcontext())
-        with on_device(vae.device):
+        with on_vae_device(vae):
             pixels = vae.first_stage_model.decode(latent.to(device=vae.device, dtype=vae.vae_dtype))
-        pixels = vae.process_output(pixels.to("cpu", torch.float32, copy=True))
-        return pixels.movedim(1, -1)[0]
+        return frames_out(vae, pixels)
 
 
 def decode_tiled(vae, latent, tile_px, overlap_px, on_tile=None):
