@@ -15,6 +15,7 @@ from .core.video_io import VideoReader
 from .pipeline import check_interrupt
 from .progress import Eta, send_progress
 from .sample_nodes import sampling_inputs
+from .reference import SOCKET_TYPE as REFERENCE_TYPE
 from .streaming import StreamOptions, StreamUpscale
 
 log = logging.getLogger("LiteVSR")
@@ -140,13 +141,21 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
                         "soon as they are final, so memory does not grow with the video's length. Frame count, "
                         "frame rate and audio are kept. The file appears under its final name only when complete.",
             inputs=[
-                io.Model.Input("model", tooltip="The Wan DiT with an adapter from 'Attach State-Aware Adapter'."),
+                io.Model.Input("model", tooltip="The Wan DiT with an adapter from 'Attach State-Aware Adapter', or an "
+                                                "InfVSR model from 'Load InfVSR Model' (then connect reference)."),
                 io.Vae.Input("vae", tooltip="The Wan VAE matching the DiT: it encodes the LR frames, and decodes "
                                             "unless a decoder is plugged in."),
                 io.Vae.Input("decoder", optional=True,
                              tooltip="Optional faster decoder of the same latents, from Load VAE: taew2_1 / "
                                      "lighttaew2_1 / lightvaew2_1 for Wan2.1, taew2_2 / lighttaew2_2 for Wan2.2. "
                                      "Encoding stays on the Wan VAE (README: which decoder to pick)."),
+                io.Custom(REFERENCE_TYPE).Input(
+                    "reference", optional=True,
+                    tooltip="Only with an InfVSR model ('Load InfVSR Model'): its reference encoder, from 'Load InfVSR "
+                            "Reference Encoder'. The run then streams InfVSR's way: one step per chunk of 9, then 12 "
+                            "frames, with the previous chunk's attention keys and the VAE's causal cache carried over "
+                            "(reset at scene cuts); steps, shift, start, seed, chunk, overlap and tile settings do "
+                            "not apply."),
                 io.Video.Input("video", tooltip="The LR video, from Load Video (read from its file as it goes)."),
                 io.String.Input("filename_prefix", default="LiteVSR/upscaled",
                                 tooltip="Output name inside ComfyUI's output folder; a counter and .mp4 are added."),
@@ -183,13 +192,14 @@ class LiteVSRUpscaleVideoFile(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, video, filename_prefix, scale, seed, steps, shift, start, start_sigma,
                 chunk_frames, overlap_frames, scene_cut_threshold, dit_tile, decode_tile, colour,
-                crf, decoder=None) -> io.NodeOutput:
+                crf, decoder=None, reference=None) -> io.NodeOutput:
         check_output_prefix(filename_prefix)
         options = StreamOptions(scale=scale, steps=steps, shift=shift, start=start, start_sigma=start_sigma, seed=seed,
                                 chunk_frames=chunk_frames, overlap_frames=overlap_frames,
                                 scene_cut_threshold=scene_cut_threshold, dit_tile=dit_tile, decode_tile=decode_tile,
                                 colour=colour, crf=crf)
-        job = StreamUpscale(model, vae, VideoReader(source_path(video)), options, decoder=decoder)
+        job = StreamUpscale(model, vae, VideoReader(source_path(video)), options, decoder=decoder,
+                            reference=reference)
         (log.warning if job.sizes.warnings else log.info)("%s", job.sizes.describe())
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory(), job.out_w, job.out_h)

@@ -8,7 +8,9 @@ from typing import Callable, Optional
 import torch
 
 from .backbone import backbone_signature
+from .causal_stream import CausalUpscale
 from .core import oom
+from .core.causal import causal_chunks, upscale_causal
 from .core.distributed import rank_ranges, upscale_shared
 from .core.dit_tiling import default_overlap, patch_multiple
 from .core.sampling import flow_sigmas
@@ -16,6 +18,7 @@ from .core.stream import VSRPipeline, upscale_chunks
 from .core.temporal import SceneCutDetector, split_chunks
 from .core.video_io import VideoWriter
 from .decoders import check_decoder
+from .infvsr import is_infvsr
 from .pipeline import check_vae, dit_denoiser, grid_px, hr_decoder, lr_encoder
 from .planner import is_oom, plan_for_video
 
@@ -107,15 +110,37 @@ def stream_overlap(sizes, num_frames, overlap_frames):
     return 0 if sizes.chunk_frames >= num_frames else overlap_frames
 
 
+def check_causal(model, reference, decoder, share):
+    """Whether the run is InfVSR's causal stream (an InfVSR MODEL), refusing what that stream cannot take."""
+    causal = is_infvsr(model)
+    if causal and reference is None:
+        raise ValueError("This is an InfVSR model: it is conditioned on the first frame of each shot, so connect "
+                         "'Load InfVSR Reference Encoder' to the reference input.")
+    if not causal and reference is not None:
+        raise ValueError("A reference encoder is only for an InfVSR model from 'Load InfVSR Model'; disconnect it "
+                         "for a LiteVSR adapter.")
+    if causal and decoder is not None:
+        raise ValueError("InfVSR streams the Wan VAE's causal decoder cache from chunk to chunk; a separate decoder "
+                         "cannot carry it. Disconnect the decoder input.")
+    if causal and share.world > 1:
+        raise ValueError("InfVSR's causal stream chains every chunk to the previous one: run it in one process "
+                         "(without torchrun).")
+    return causal
+
+
 class StreamUpscale:
     """Upscales the video `reader` reads with `model` (adapter attached) and `vae` (`decoder`, when given, decodes
-    instead: a tiny or light Wan decoder of the same latents). Construction checks the VAEs and
-    plans the sizes (`sizes`, output `out_w` x `out_h`); `run` does the rest. Callbacks read the state from here:
+    instead: a tiny or light Wan decoder of the same latents). An InfVSR model (`reference`: its reference encoder)
+    runs InfVSR's causal stream instead: consecutive chunks with carried caches (core/causal.py). Construction
+    checks the VAEs and plans the sizes (`sizes`, output `out_w` x `out_h`); `run` does the rest. Callbacks read
+    the state from here:
     `sizes` and `overlap` (planned), `cuts`, `chunks` and `own` (this process's chunk indices) once planned,
     `in_use` (the sizes of the latest chunk: an out-of-memory retry shrinks them)."""
 
-    def __init__(self, model, vae, reader, options, share=Share(), decoder=None):
+    def __init__(self, model, vae, reader, options, share=Share(), decoder=None, reference=None):
         check_vae(vae, model)
+        self.causal = check_causal(model, reference, decoder, share)
+        self.reference = reference
         self.decoder = decoder or vae  # a faster decoder of the same latents, for decoding only
         check_decoder(self.decoder, vae.latent_channels)
         self.model, self.vae, self.reader, self.options, self.share = model, vae, reader, options, share
@@ -127,7 +152,8 @@ class StreamUpscale:
 
     def _plan_sizes(self, sizes):
         self.sizes = self.in_use = sizes
-        self.overlap = stream_overlap(sizes, self.reader.frame_count, self.options.overlap_frames)
+        self.overlap = 0 if self.causal else stream_overlap(sizes, self.reader.frame_count,
+                                                            self.options.overlap_frames)
 
     def run(self, output, on_scan=_nothing, on_plan=_nothing, on_chunk=_nothing, on_read=_nothing,
             on_write=_nothing, check_interrupt=_nothing):
@@ -145,7 +171,12 @@ class StreamUpscale:
         chunk_frames, tile_h, tile_w, decode_tile, *self.cuts = share.agree(decided)
         self._plan_sizes(self.sizes.with_sizes(chunk_frames=chunk_frames, dit_tile=(tile_h, tile_w),
                                                decode_tile=decode_tile))
-        self.chunks = split_chunks(reader.frame_count, self.sizes.chunk_frames, self.overlap, self.cuts)
+        if self.causal:
+            self.chunks = causal_chunks(reader.frame_count, self.cuts)
+            log.info("LiteVSR: InfVSR causal stream, one step per chunk (9 frames, then 12), whole frames; the "
+                     "memory plan's chunk and tile sizes do not apply")
+        else:
+            self.chunks = split_chunks(reader.frame_count, self.sizes.chunk_frames, self.overlap, self.cuts)
         self.own = range(len(self.chunks))
         if share.world > 1:
             self.own = range(*rank_ranges(len(self.chunks), options.segment_chunks, share.world)[share.rank])
@@ -188,7 +219,10 @@ class StreamUpscale:
                     writer.write(frames)
                     on_write(frames)
 
-                if share.world > 1:
+                if self.causal:
+                    causal = CausalUpscale(self.model, self.vae, self.reference, options.scale, options.colour)
+                    upscale_causal(self.chunks, read(self.own), causal.process, write, chunk_done)
+                elif share.world > 1:
                     upscale_shared(self.chunks, 0, share.world, options.segment_chunks, read, process, write,
                                    share.exchange, chunk_done, is_alive=share.is_alive)
                 else:

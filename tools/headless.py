@@ -99,6 +99,16 @@ def build_stand_ins(folder, dit_dim=256, head_std=None):
                                       Path(folder) / "tiny_wan21_vae.safetensors", dit_dim, head_std)
 
 
+def build_infvsr_stand_ins(folder):
+    """Tiny random-weight InfVSR files in InfVSR's formats (pickled DiT, RAM and DAPE), and a Wan2.1 VAE:
+    (dit, vae, ram, dape) paths."""
+    from tools import tiny_models
+
+    _, vae = build_stand_ins(folder)
+    dit = tiny_models.save_tiny_infvsr(Path(folder) / "InfVSR.ckpt")
+    return (dit, vae, *tiny_models.save_tiny_reference(folder))
+
+
 def load_models(dit_path, vae_path):
     """As ComfyUI's stock UNETLoader and VAELoader load them."""
     import comfy.sd

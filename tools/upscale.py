@@ -4,6 +4,8 @@
         [--adapter adapter.safetensors] [--scale 4] [--steps 1] [--seed 0] [--chunk-frames 0] [--overlap-frames 8] \
         [--segment-chunks 0] [--cut-threshold 0.06] [--colour lab] [--decoder lighttaew2_1.safetensors]
     python -m tools.upscale --input in.mp4 --output out.mp4 --stand-ins      # tiny random-weight models
+    python -m tools.upscale --input in.mp4 --output out.mp4 --infvsr --dit InfVSR.ckpt --vae wan_2.1_vae.safetensors \
+        --reference ram_swin_large_14m.pth DAPE.pth [--scale 4]                # InfVSR's causal stream
     torchrun --nproc_per_node=K -m tools.upscale ... --segment-chunks N       # K processes share the video
 
 The models are loaded exactly as ComfyUI's stock "Load Diffusion Model" and "Load VAE" nodes load them, the adapter
@@ -26,8 +28,8 @@ import time
 from pathlib import Path
 
 from tools import comfy_server
-from tools.headless import (Ranks, add_model_arguments, build_stand_ins, check_model_arguments, load_models,
-                            load_vae, run_headless, stand_in_banner)
+from tools.headless import (Ranks, add_model_arguments, build_infvsr_stand_ins, build_stand_ins,
+                            check_model_arguments, load_models, load_vae, run_headless, stand_in_banner)
 
 STAND_IN_BANNER = stand_in_banner("--stand-ins")
 EXCHANGE_SUFFIX = ".litevsr-exchange"
@@ -42,6 +44,11 @@ def parse_args(argv=None):
     ap.add_argument("--decoder", default=None,
                     help="a faster decoder of the same latents, as for Load VAE (taew2_1, lighttaew2_1, lightvaew2_1 "
                          "for Wan2.1; taew2_2, lighttaew2_2 for Wan2.2); default: the Wan VAE decodes")
+    ap.add_argument("--infvsr", action="store_true",
+                    help="--dit is InfVSR's DiT (InfVSR.ckpt or its safetensors conversion): run InfVSR's causal "
+                         "stream, one step per chunk (the sampling, chunk and adapter options do not apply)")
+    ap.add_argument("--reference", nargs=2, metavar=("RAM", "DAPE"),
+                    help="with --infvsr: InfVSR's reference encoder files (ram_swin_large_14m.pth, DAPE.pth)")
     ap.add_argument("--adapter", default=None, help="LiteVSR adapter file; default: a new zero-initialised adapter "
                                                     "(output = the bare backbone's)")
     ap.add_argument("--injection", default="direct", help="new adapter only: direct or shared_blocks")
@@ -68,6 +75,10 @@ def parse_args(argv=None):
                          "output; it must be the same folder for every process)")
     args = ap.parse_args(argv)
     check_model_arguments(ap, args)
+    if args.infvsr and not (args.reference or args.stand_ins):
+        ap.error("--infvsr needs --reference RAM DAPE (or --stand-ins)")
+    if args.reference and not args.infvsr:
+        ap.error("--reference is only for --infvsr")
     return args
 
 
@@ -150,6 +161,8 @@ def run(args, ranks, frames_to=None):
     from comfyui_litevsr.nodes.core.temporal import DEFAULT_CUT_THRESHOLD
     from comfyui_litevsr.nodes.core.video_io import VideoReader
     from comfyui_litevsr.nodes.decoders import describe
+    from comfyui_litevsr.nodes.infvsr import load_infvsr_dit
+    from comfyui_litevsr.nodes.reference import load_reference_encoder
     from comfyui_litevsr.nodes.streaming import Share, StreamOptions, StreamUpscale
 
     t0 = time.monotonic()
@@ -159,12 +172,20 @@ def run(args, ranks, frames_to=None):
     reader = VideoReader(source)
     exchange = exchange_folder(args, output)
 
+    reference = None
     with tempfile.TemporaryDirectory(prefix="litevsr-stand-ins-") as scratch:
-        dit_path, vae_path = build_stand_ins(scratch) if args.stand_ins else (args.dit, args.vae)
-        model, vae = load_models(dit_path, vae_path)
+        if args.infvsr:
+            dit_path, vae_path, *reference_paths = (build_infvsr_stand_ins(scratch) if args.stand_ins else
+                                                    (args.dit, args.vae, *args.reference))
+            model, vae = load_infvsr_dit(str(dit_path)), load_vae(vae_path)
+            reference = load_reference_encoder(*map(str, reference_paths))
+        else:
+            dit_path, vae_path = build_stand_ins(scratch) if args.stand_ins else (args.dit, args.vae)
+            model, vae = load_models(dit_path, vae_path)
     decoder = load_vae(args.decoder) if args.decoder else None
-    model = with_adapter(model, *adapter_from_file(backbone_signature(model), args.adapter, args.injection,
-                                                   args.adapter_rank))
+    if not args.infvsr:
+        model = with_adapter(model, *adapter_from_file(backbone_signature(model), args.adapter, args.injection,
+                                                       args.adapter_rank))
     load_seconds = time.monotonic() - t0
     ranks.say(f"models loaded in {load_seconds:.1f} s" + (f"; decoding with the {describe(decoder)}" if decoder else ""),
               everyone=ranks.shared)
@@ -179,7 +200,7 @@ def run(args, ranks, frames_to=None):
                   agree=lambda values: broadcast_ints(values, ranks),
                   failed=lambda: (exchange / f"{FAILED_MARK}{ranks.rank}").touch(),
                   is_alive=lambda: not any(exchange.glob(f"{FAILED_MARK}*")))
-    job = StreamUpscale(model, vae, reader, options, share, decoder=decoder)
+    job = StreamUpscale(model, vae, reader, options, share, decoder=decoder, reference=reference)
     if ranks.rank == 0 and ranks.shared:
         clear_exchange(exchange)
     digest = FrameDigest()

@@ -118,3 +118,16 @@ class RollingKV:
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for kv in self._cache.values() for t in kv)
+
+
+def upscale_causal(chunks, chunk_frames, process, write, on_chunk=None):
+    """Runs `process(frames, chunk) -> hr_frames` on every chunk in order and writes each result at once (the
+    chunks do not overlap, so every output frame is final when its chunk is)."""
+    done = 0
+    for chunk, frames in zip(chunks, chunk_frames):
+        write(process(frames, chunk))
+        done += 1
+        if on_chunk is not None:
+            on_chunk(done, len(chunks))
+    if done != len(chunks):
+        raise RuntimeError(f"the video ended before all {len(chunks)} planned chunks were read")

@@ -18,8 +18,9 @@ def resize_frames(frames, height, width):
     return rearrange(resized, "n c h w -> n h w c").clamp(0.0, 1.0)
 
 
-def pad_for_encode(frames, grid_px):
-    """Replicate-pad bottom/right to multiples of `grid_px` and repeat the last frame up to 4n+1 frames.
+def pad_for_encode(frames, grid_px, frame_count=None):
+    """Replicate-pad bottom/right to multiples of `grid_px` and repeat the last frame up to 4n+1 frames
+    (`frame_count` frames where given: a causal stream's later chunks are 4n).
 
     Replication (not zeros) keeps the padded border free of edges the VAE and DiT would otherwise spend detail on.
     """
@@ -30,7 +31,7 @@ def pad_for_encode(frames, grid_px):
         channels_first = rearrange(frames, "n h w c -> n c h w")
         channels_first = F.pad(channels_first, (0, pad_right, 0, pad_bottom), mode="replicate")
         frames = rearrange(channels_first, "n c h w -> n h w c")
-    extra_frames = frames_on_grid(count) - count
+    extra_frames = (frame_count or frames_on_grid(count)) - count
     if extra_frames:
         frames = torch.cat([frames, frames[-1:].expand(extra_frames, -1, -1, -1)], dim=0)
     return frames
