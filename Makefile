@@ -13,8 +13,9 @@
 #                                  (needs chromium + chromedriver: apt-get install chromium chromium-driver; skipped
 #                                  with the reason otherwise); LITEVSR_UPDATE_SCREENSHOTS=1 rewrites docs/images/*.png
 #   make demo [INPUT=clip.mp4] [OUTPUT=output/demo.mp4] [SCALE=4] [STEPS=1] [ADAPTER=...] [MODELS_DIR=...] [STREAM=1]
-#             [SAMPLE=33x320x180]  STREAM=1: the long-video example (streaming node, file to file) instead;
-#                                  SAMPLE: frames x width x height of the default input cut from bigbuckbunny
+#             [MODEL=infvsr] [SAMPLE=33x320x180]  STREAM=1: the long-video example (streaming node, file to file)
+#                                  instead; MODEL=infvsr: the InfVSR example (the streaming node on InfVSR's causal
+#                                  stream); SAMPLE: frames x width x height of the default input cut from bigbuckbunny
 #   make serve [PORT=8188] [MODELS_DIR=...]   the same ComfyUI with the pack, for a browser
 #   make upscale INPUT=clip.mp4 [OUTPUT=output/upscaled.mp4] [NPROC=2] [DIT=... VAE=...] [DECODER=...] [ADAPTER=file]
 #                [SCALE=4] [STEPS=1] [CHUNK_FRAMES=0] [OVERLAP_FRAMES=8] [SEGMENT_CHUNKS=...] [UPSCALE_ARGS=...]
@@ -44,8 +45,8 @@
 #                                  RAM's ram_swin_large_14m.pth, DAPE.pth) converted once to safetensors; RAM keeps
 #                                  only its image encoder (tools/infvsr.py)
 #
-# Without MODELS_DIR (a folder holding diffusion_models/, vae/, litevsr/), demo and serve use tiny
-# random-weight Wan stand-ins: the output only demonstrates the pipeline. So do `make upscale` and `make train`
+# Without MODELS_DIR (a folder holding diffusion_models/, vae/, litevsr/; infvsr/ for MODEL=infvsr), demo and serve
+# use tiny random-weight stand-ins: the output only demonstrates the pipeline. So do `make upscale` and `make train`
 # without DIT/VAE.
 
 # LITEVSR_PYTHON: the matrix runs each version's tests (and the make targets they call) with that environment
@@ -59,6 +60,7 @@ STEPS    ?= 1
 ADAPTER  ?= new (zero-init)
 MODELS_DIR ?=
 STREAM   ?=
+MODEL    ?= litevsr
 SAMPLE   ?=
 PORT     ?= 8188
 FULL     ?=
@@ -112,7 +114,7 @@ test-browser: env
 demo: env
 	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) -m tools.demo demo --input "$(INPUT)" --output "$(OUTPUT)" \
 		--scale "$(SCALE)" --steps "$(STEPS)" --adapter "$(ADAPTER)" --models-dir "$(MODELS_DIR)" \
-		$(if $(filter-out 0,$(STREAM)),--stream) $(if $(SAMPLE),--sample "$(SAMPLE)")
+		--model "$(MODEL)" $(if $(filter-out 0,$(STREAM)),--stream) $(if $(SAMPLE),--sample "$(SAMPLE)")
 
 serve: env
 	PYTHONDONTWRITEBYTECODE=1 exec $(PYTHON) -m tools.demo serve --port "$(PORT)" --models-dir "$(MODELS_DIR)"

@@ -102,7 +102,7 @@ def gpu_section(args):
         reason = "no MODELS_DIR given (make bench MODELS_DIR=... with the real Wan2.1-1.3B files)"
     else:
         try:
-            dit, vae = demo.model_files(args.models_dir)
+            dit, vae = demo.model_files(args.models_dir).values()
         except FileNotFoundError as missing:
             reason = str(missing)
     if reason:

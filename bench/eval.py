@@ -527,7 +527,7 @@ def litevsr_settings(args):
         model_args, note, models = ["--stand-ins"], STAND_IN_NOTE, "tiny random-weight Wan stand-ins (smoke test)"
     else:
         root = Path(args.models_dir)
-        dit, vae = demo.model_files(root, args.dit, args.vae)
+        dit, vae = demo.model_files(root, args.dit, args.vae).values()
         model_args, note = ["--dit", str(dit), "--vae", str(vae)], "new zero-init adapter (bare backbone)"
         if args.adapter:
             adapter = Path(args.adapter) if Path(args.adapter).is_file() else root / "litevsr" / args.adapter

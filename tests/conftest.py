@@ -70,15 +70,14 @@ SERVED_TINY_DECODERS = (demo_tool.TINY_DECODER_NAME, "taew2_1.safetensors")
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory, tiny_dit_path, tiny_vae_path, test_clip):
-    """ComfyUI with the pack (custom_nodes/ComfyUI-LiteVSR -> this repo), the tiny stand-ins under the example
-    model names, the SERVED_TINY_DECODERS in the folders the stock Load VAE reads them from, and the test clip (also
-    under the examples' clip name) in input/."""
+def comfy(tmp_path_factory, test_clip):
+    """ComfyUI with the pack (custom_nodes/ComfyUI-LiteVSR -> this repo), every example's stand-ins under its model
+    names (the demo's: the tiny Wan, InfVSR's DiT and reference encoder files), the SERVED_TINY_DECODERS in the
+    folders the stock Load VAE reads them from, and the test clip (also under the examples' clip name) in input/."""
     base = tmp_path_factory.mktemp("comfy_base")
     comfy_server.prepare_base(base)
-    comfy_server.place_file(tiny_dit_path, base / "models" / "diffusion_models" / demo_tool.DIT_NAME)
-    comfy_server.place_file(tiny_vae_path, base / "models" / "vae" / demo_tool.VAE_NAME)
-    for name in SERVED_TINY_DECODERS:
+    demo_tool.build_stand_ins(base / "models")
+    for name in set(SERVED_TINY_DECODERS) - {demo_tool.TINY_DECODER_NAME}:  # that one is among the demo's
         tiny_models.save_tiny_decoder(base / "models", name)
     comfy_server.place_file(test_clip, base / "input" / TEST_CLIP)
     comfy_server.place_file(test_clip, base / "input" / demo_tool.SAMPLE_CLIP)

@@ -18,15 +18,18 @@ def make(*args, timeout):
 QUICK_SAMPLE = "9x160x90"  # the default input's path at 1/15 of the pixels: same contract, ~1 min instead of ~9
 
 
-def test_make_demo_defaults(tmp_path):
-    """Every default but the size of the sample clip: the clip is cut from bigbuckbunny with its audio, upscaled
-    x4 in one step by a new adapter on the stand-ins, saved with exactly its frames, size, rate and audio."""
+@pytest.mark.parametrize("model", [demo_tool.LITEVSR, demo_tool.INFVSR])
+def test_make_demo_defaults(tmp_path, model):
+    """Every default but the size of the sample clip (and the model kind): the clip is cut from bigbuckbunny with its
+    audio, upscaled x4 on the stand-ins (in one step by a new adapter; or on InfVSR's causal stream with its
+    reference encoder) through the kind's example, saved with exactly its frames, size, rate and audio."""
     out = tmp_path / "demo.mp4"
     t0 = time.monotonic()
-    r = make("demo", f"OUTPUT={out}", f"SAMPLE={QUICK_SAMPLE}", timeout=900)
+    r = make("demo", f"OUTPUT={out}", f"SAMPLE={QUICK_SAMPLE}", f"MODEL={model}", timeout=900)
     took = time.monotonic() - t0
-    print(f"make demo took {took:.0f} s")
+    print(f"make demo MODEL={model} took {took:.0f} s")
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    assert f"running {demo_tool.api_workflow_path(model=model).name}" in r.stdout
     assert "RANDOM-WEIGHT" in r.stdout.split("[demo]")[0], "stand-in notice missing before the run"
     assert "RANDOM-WEIGHT" in r.stdout.rsplit("[demo] wrote", 1)[1], "stand-in notice missing after the run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.mp4"]  # no temp leftovers

@@ -1,5 +1,6 @@
 """End to end on a real headless ComfyUI: the long-video example (the streaming node, file to file) on real clips
-with audio, its atomic output, a tiny decoder on its `decoder` input, and an interrupt in the middle of a run."""
+with audio, its atomic output, a tiny decoder on its `decoder` input, and an interrupt in the middle of a run; the
+InfVSR example (the same node on InfVSR's causal stream) with and without its reference encoder."""
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from comfyui_litevsr.nodes.core.video_io import VideoReader
 SCALE = 2
 CHUNK, OVERLAP = 9, 4  # 29 frames -> 6 chunks; 61 frames -> 14 chunks
 CLIP, CLIP_FRAMES = "litevsr_stream_clip.mp4", 29
+INFVSR_CHUNKS = 3  # InfVSR's causal chunks of the 29 frames: 9, 12, 8
 LONG_CLIP, LONG_FRAMES, LONG_CHUNKS = "litevsr_stream_long.mp4", 61, 14
 NODE = "LiteVSRUpscaleVideoFile"
 
@@ -30,11 +32,15 @@ def stream_clips(comfy, tmp_path_factory):
     return made
 
 
-def stream_prompt(input_name, prefix, **inputs):
-    prompt = demo_tool.configure(demo_tool.load_api_workflow(stream=True), input_name=input_name, scale=SCALE,
-                                 steps=1, adapter=demo_tool.NEW_ADAPTER, filename_prefix=prefix)
+def stream_prompt(input_name, prefix, model=demo_tool.LITEVSR, **inputs):
+    """The streaming example of `model` (LiteVSR's long-video example, with the chunking above; or InfVSR's, which
+    chunks its own way and takes no adapter) on `input_name`, writing `prefix`."""
+    litevsr = model == demo_tool.LITEVSR
+    prompt = demo_tool.configure(demo_tool.load_api_workflow(stream=True, model=model), input_name=input_name,
+                                 scale=SCALE, steps=1, adapter=demo_tool.NEW_ADAPTER if litevsr else None,
+                                 filename_prefix=prefix)
     (node,) = [n for n in prompt.values() if n["class_type"] == NODE]
-    node["inputs"].update({"chunk_frames": CHUNK, "overlap_frames": OVERLAP, **inputs})
+    node["inputs"].update({"chunk_frames": CHUNK, "overlap_frames": OVERLAP} if litevsr else {}, **inputs)
     return prompt
 
 
@@ -42,6 +48,24 @@ def leftovers(comfy):
     """Temporary files of the atomic writer (".<name>.<id>.partial.mp4") anywhere under output/."""
     return sorted(str(p) for p in (comfy.base / "output").rglob("*") if p.is_file() and
                   (p.name.startswith(".") or ".partial" in p.name))
+
+
+def after_first_chunk(comfy, chunks, then):
+    """(on_progress callback, temporary files seen): once the node reports chunk 1 of `chunks` done, the callback
+    waits up to 30 s for the atomic writer's temporary file (it opens on the first mux), records what it sees and
+    calls `then()`, once."""
+    seen, called = [], []
+
+    def on_progress(line):
+        if line.endswith(f": 1/{chunks}") and not called:
+            called.append(line)
+            deadline = time.monotonic() + 30
+            while not seen and time.monotonic() < deadline:
+                seen.extend(leftovers(comfy))
+                time.sleep(0.05)
+            then()
+
+    return on_progress, seen
 
 
 def test_long_video_example_streams_clip_with_audio(comfy, stream_clips):
@@ -102,16 +126,7 @@ def test_interrupt_leaves_no_file_and_the_next_run_works(comfy, stream_clips):
     """POST /interrupt once the first chunk is done: the run stops, the temporary file that was being written is
     deleted, nothing appears under the final name, and a run queued right after succeeds."""
     out_dir = comfy.base / "output" / "stream_e2e"
-    seen_mid_run = []
-
-    def on_progress(line):
-        if line.endswith(f": 1/{LONG_CHUNKS}") and not seen_mid_run:  # the node's progress: chunk 1 done
-            deadline = time.monotonic() + 30  # its frames are written right after (the file opens on first mux)
-            while not seen_mid_run and time.monotonic() < deadline:
-                seen_mid_run.extend(leftovers(comfy))
-                time.sleep(0.05)
-            comfy.post("/interrupt", {})
-
+    on_progress, seen_mid_run = after_first_chunk(comfy, LONG_CHUNKS, lambda: comfy.post("/interrupt", {}))
     with pytest.raises(comfy_server.ComfyError, match="interrupted"):
         comfy.run_prompt(stream_prompt(LONG_CLIP, "stream_e2e/interrupted"), timeout=300, on_progress=on_progress)
     assert seen_mid_run, "no temporary output file while the node was running"
@@ -121,6 +136,37 @@ def test_interrupt_leaves_no_file_and_the_next_run_works(comfy, stream_clips):
     paths = comfy.run_prompt(stream_prompt(TEST_CLIP, "stream_e2e/after_interrupt"), timeout=300)
     assert len(paths) == 1 and probe(paths[0])["frames"] == TEST_CLIP_FRAMES
     assert leftovers(comfy) == []
+
+
+def test_infvsr_example_streams_clip_with_audio(comfy, stream_clips):
+    """The InfVSR example (Load InfVSR Model, Load VAE, Load InfVSR Reference Encoder into the streaming node) on a
+    real clip with audio: InfVSR's causal stream, exactly the frames, rate and audio at scale x the size, written
+    under a temporary name and renamed only when complete."""
+    final_names = []
+    on_progress, seen_mid_run = after_first_chunk(comfy, INFVSR_CHUNKS, lambda: final_names.extend(
+        (comfy.base / "output" / "stream_e2e").glob("infvsr*")))
+    (path,) = comfy.run_prompt(stream_prompt(CLIP, "stream_e2e/infvsr", model=demo_tool.INFVSR), timeout=300,
+                               on_progress=on_progress)
+    assert path.parent == comfy.base / "output" / "stream_e2e" and path.name.startswith("infvsr")
+    src, _ = assert_upscaled_copy(path, stream_clips[CLIP], SCALE)
+    assert src["frames"] == CLIP_FRAMES and src["size"] == TEST_CLIP_SIZE
+    assert seen_mid_run and not final_names, "the file was not written under a temporary name until complete"
+    assert leftovers(comfy) == []
+    assert "InfVSR causal stream" in comfy.log_tail(200)
+
+
+def test_infvsr_without_reference_fails_in_one_line(comfy, stream_clips):
+    """An InfVSR model with the reference input left unconnected: the run fails with the node's one line naming the
+    node to connect, and writes nothing."""
+    prompt = stream_prompt(CLIP, "stream_e2e/infvsr_unreferenced", model=demo_tool.INFVSR)
+    (node,) = [n for n in prompt.values() if n["class_type"] == NODE]
+    del node["inputs"]["reference"]
+    with pytest.raises(comfy_server.ComfyError) as failed:
+        comfy.run_prompt(prompt, timeout=120)
+    message = str(failed.value)  # node id (class) failed: the node's own one line, nothing after it
+    assert f"({NODE}) failed: ValueError: This is an InfVSR model" in message
+    assert message.endswith("connect 'Load InfVSR Reference Encoder' to the reference input."), message
+    assert not list((comfy.base / "output").glob("stream_e2e/infvsr_unreferenced*")) and leftovers(comfy) == []
 
 
 def test_make_demo_stream(tmp_path, test_clip):

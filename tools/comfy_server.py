@@ -23,8 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-LiteVSR"  # folder name of the pack inside custom_nodes/ (what --whitelist-custom-nodes matches)
-# vae_approx: where the stock Load VAE reads the tiny decoders lighttaew2_1 / lighttaew2_2 (taew2_* sit in vae)
-MODEL_FOLDERS = ("diffusion_models", "vae", "vae_approx", "litevsr")
+# vae_approx: where the stock Load VAE reads the tiny decoders lighttaew2_1 / lighttaew2_2 (taew2_* sit in vae);
+# infvsr: InfVSR's reference encoder files (RAM, DAPE), the pack's own folder
+MODEL_FOLDERS = ("diffusion_models", "vae", "vae_approx", "litevsr", "infvsr")
 
 
 class ComfyError(RuntimeError):
@@ -44,8 +45,8 @@ def free_port():
 
 def prepare_base(base, models_dir=None):
     """Create a ComfyUI base directory: custom_nodes/ComfyUI-LiteVSR -> repo, models/<each of MODEL_FOLDERS>,
-    input/, output/. With `models_dir` (a folder holding diffusion_models/, vae/, litevsr/, maybe vae_approx/), an
-    extra_model_paths.yaml pointing at it is written and its path returned (pass it to ComfyServer)."""
+    input/, output/. With `models_dir` (a folder holding diffusion_models/, vae/, litevsr/, maybe vae_approx/ and
+    infvsr/), an extra_model_paths.yaml pointing at it is written and its path returned (pass it to ComfyServer)."""
     base = Path(base).resolve()
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_NAME
@@ -343,7 +344,7 @@ def main(argv=None):
     ap.add_argument("--base-directory", required=True)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--listen", default="127.0.0.1")
-    ap.add_argument("--models-dir", help="folder with diffusion_models/, vae/, litevsr/ (extra model paths)")
+    ap.add_argument("--models-dir", help="folder with diffusion_models/, vae/, litevsr/, infvsr/ (extra model paths)")
     ap.add_argument("--prompt", help="API-format graph to run; without it the server runs until Ctrl-C")
     args = ap.parse_args(argv)
     yaml_path = prepare_base(args.base_directory, args.models_dir)

@@ -1,13 +1,14 @@
 """`make demo` and `make serve`: the example upscale workflow on a real ComfyUI, headless or for a browser.
 
     python -m tools.demo demo  [--input F] [--output F] [--scale 4] [--steps 1] [--adapter A] [--models-dir D]
-                               [--stream]
+                               [--stream] [--model litevsr|infvsr]
     python -m tools.demo serve [--port 8188] [--models-dir D]
 
-Without --models-dir (a folder holding diffusion_models/, vae/, litevsr/ like ComfyUI's models/), tiny
-random-weight Wan stand-ins are built and saved under the example's model names: the output then only
-demonstrates the pipeline. Any failure ends with one line on stderr and a non-zero exit, and leaves no output file.
-With --stream (`make demo STREAM=1`) the long-video example (the streaming node, file to file) runs instead.
+Without --models-dir (a folder holding diffusion_models/, vae/, litevsr/, infvsr/ like ComfyUI's models/), tiny
+random-weight stand-ins are built and saved under the examples' model names: the output then only demonstrates the
+pipeline. Any failure ends with one line on stderr and a non-zero exit, and leaves no output file.
+With --stream (`make demo STREAM=1`) the long-video example (the streaming node, file to file) runs instead; with
+--model infvsr (`make demo MODEL=infvsr`) the InfVSR example (the same node, on InfVSR's causal stream).
 """
 import argparse
 import copy
@@ -29,8 +30,12 @@ UI_WORKFLOW = EXAMPLES / "litevsr_upscale.json"
 API_WORKFLOW = EXAMPLES / "api" / "litevsr_upscale_api.json"
 STREAM_UI_WORKFLOW = EXAMPLES / "litevsr_long_video.json"
 STREAM_API_WORKFLOW = EXAMPLES / "api" / "litevsr_long_video_api.json"
+INFVSR_API_WORKFLOW = EXAMPLES / "api" / "litevsr_infvsr_api.json"
+LITEVSR, INFVSR = "litevsr", "infvsr"  # the demo's model kinds: a Wan DiT with an adapter, or InfVSR as released
 DIT_NAME = "wan2.1_t2v_1.3B_fp16.safetensors"
 VAE_NAME = "wan_2.1_vae.safetensors"
+INFVSR_DIT_NAME = "InfVSR.ckpt"
+RAM_NAME, DAPE_NAME = "ram_swin_large_14m.pth", "DAPE.pth"  # InfVSR's reference encoder files, in models/infvsr
 TINY_DECODER_NAME = "lighttaew2_1.safetensors"  # the tiny-decoder example's, in models/vae_approx
 SAMPLE_CLIP = "bigbuckbunny_320x180.mp4"  # the file name the examples' LoadVideo node uses
 SAMPLE_SHAPE = "33x320x180"  # frames x width x height of the default input cut from bigbuckbunny
@@ -86,23 +91,28 @@ def make_clip(src, dst, frames, width, height):
 
 
 def build_stand_ins(models_root):
-    """Tiny random-weight Wan2.1 DiT and VAE saved under the example model names in `models_root`, and the
-    tiny-decoder example's decoder (real TAEHV size, random weights) in its vae_approx/."""
+    """Every example's stand-ins under its model names in `models_root` (under a second, so each example runs as
+    loaded): a tiny random-weight Wan2.1 DiT and VAE, the tiny-decoder example's decoder (real TAEHV size, random
+    weights) in vae_approx/, and InfVSR's DiT, RAM and DAPE in InfVSR's formats."""
     from tools import comfy_env, tiny_models
 
     comfy_env.use_comfy()
+    models = {setting: Path(models_root, folder, name) for setting, (folder, name) in example_models(INFVSR).items()}
     tiny_models.save_tiny_decoder(models_root, TINY_DECODER_NAME)
-    return tiny_models.save_stand_ins(Path(models_root) / "diffusion_models" / DIT_NAME,
-                                      Path(models_root) / "vae" / VAE_NAME)
+    tiny_models.save_stand_ins(Path(models_root) / "diffusion_models" / DIT_NAME, models["vae"])
+    tiny_models.save_infvsr_stand_ins(models["dit"], models["vae"], models["ram"].parent)
 
 
-def api_workflow_path(stream=False):
-    """The API twin the demo runs: the upscale example, or with `stream` the long-video (streaming) example."""
+def api_workflow_path(stream=False, model=LITEVSR):
+    """The API twin the demo runs: the upscale example, with `stream` the long-video (streaming) example, and for
+    InfVSR the InfVSR example (InfVSR runs on the streaming node only)."""
+    if model == INFVSR:
+        return INFVSR_API_WORKFLOW
     return STREAM_API_WORKFLOW if stream else API_WORKFLOW
 
 
-def load_api_workflow(stream=False):
-    return json.loads(api_workflow_path(stream).read_text())
+def load_api_workflow(stream=False, model=LITEVSR):
+    return json.loads(api_workflow_path(stream, model).read_text())
 
 
 # Each demo choice and the (node class, input) pairs that take it, in either example.
@@ -111,19 +121,18 @@ SETTING_INPUTS = {
     "scale": (("LiteVSREncodeVideo", "scale"), ("LiteVSRUpscaleVideoFile", "scale")),
     "steps": (("LiteVSRSampler", "steps"), ("LiteVSRUpscaleVideoFile", "steps")),
     "adapter": (("LiteVSRAttachAdapter", "adapter"),),
-    "dit": (("UNETLoader", "unet_name"),),
+    "dit": (("UNETLoader", "unet_name"), ("LiteVSRLoadInfVSR", "dit_name")),
     "vae": (("VAELoader", "vae_name"),),
+    "ram": (("LiteVSRLoadInfVSRReference", "ram_name"),),
+    "dape": (("LiteVSRLoadInfVSRReference", "dape_name"),),
     "filename_prefix": (("SaveVideo", "filename_prefix"), ("LiteVSRUpscaleVideoFile", "filename_prefix")),
 }
 
 
-def configure(prompt, *, input_name=None, scale=None, steps=None, adapter=None, dit=None, vae=None,
-              filename_prefix=None, workflow_name=None):
-    """A copy of an API-format graph with the demo's choices written into the nodes that take them. A choice that
-    is given but taken by no node of the graph is an error (naming `workflow_name`)."""
+def configure(prompt, *, workflow_name=None, **choices):
+    """A copy of an API-format graph with the demo's choices (SETTING_INPUTS keys) written into the nodes that take
+    them. A choice that is given but taken by no node of the graph is an error (naming `workflow_name`)."""
     prompt = copy.deepcopy(prompt)
-    choices = {"input_name": input_name, "scale": scale, "steps": steps, "adapter": adapter, "dit": dit,
-               "vae": vae, "filename_prefix": filename_prefix}
     missing = []
     for setting, value in choices.items():
         if value is None:
@@ -139,24 +148,39 @@ def configure(prompt, *, input_name=None, scale=None, steps=None, adapter=None, 
     return prompt
 
 
-def model_files(models_dir, dit=DIT_NAME, vae=VAE_NAME):
-    """(DiT path, VAE path) inside a ComfyUI-style models folder; refuses, naming them, files that are missing."""
-    models_dir = Path(models_dir)
-    paths = models_dir / "diffusion_models" / dit, models_dir / "vae" / vae
-    missing = [str(p) for p in paths if not p.is_file()]
+def example_models(model=LITEVSR, dit=None, vae=VAE_NAME):
+    """{demo setting: (models/ folder, file name)} of the files the example of `model` loads; `dit` defaults to the
+    example's."""
+    if model == INFVSR:
+        return {"dit": ("diffusion_models", dit or INFVSR_DIT_NAME), "vae": ("vae", vae),
+                "ram": ("infvsr", RAM_NAME), "dape": ("infvsr", DAPE_NAME)}
+    return {"dit": ("diffusion_models", dit or DIT_NAME), "vae": ("vae", vae)}
+
+
+def model_files(models_dir, dit=None, vae=VAE_NAME, model=LITEVSR):
+    """{demo setting: path} of the files the example of `model` loads, inside a ComfyUI-style models folder. A pickle
+    (InfVSR's .ckpt/.pth) may be there as its safetensors copy (`python -m tools.infvsr convert` keeps the stem).
+    Refuses, naming them, files that are missing."""
+    found, missing = {}, []
+    for setting, (folder, name) in example_models(model, dit, vae).items():
+        path = Path(models_dir, folder, name)
+        found[setting] = path if path.is_file() else path.with_suffix(".safetensors")
+        if not found[setting].is_file():
+            missing.append(str(path))
     if missing:
         raise FileNotFoundError(f"MODELS_DIR lacks {' and '.join(missing)}")
-    return paths
+    return found
 
 
-def stage_models(base, models_dir, dit, vae):
-    """Stand-ins into base/models (returns None), or an extra_model_paths.yaml for real models (returned)."""
+def stage_models(base, models_dir, model=LITEVSR, dit=None, vae=VAE_NAME):
+    """Stand-ins into base/models, or an extra_model_paths.yaml for the real models in `models_dir`. Returns (that
+    yaml or None, {demo setting: the file name the example's loader is to take})."""
     if models_dir is None:
         print(STAND_IN_BANNER, flush=True)
         build_stand_ins(Path(base) / "models")
-        return None
-    model_files(models_dir, dit, vae)
-    return comfy_server.prepare_base(base, Path(models_dir))
+        return None, {setting: name for setting, (_, name) in example_models(model).items()}
+    found = model_files(models_dir, dit, vae, model)
+    return comfy_server.prepare_base(base, Path(models_dir)), {setting: path.name for setting, path in found.items()}
 
 
 def stage_adapter(base, adapter):
@@ -176,6 +200,8 @@ def sample_shape(text):
 
 
 def demo(args):
+    if args.model == INFVSR and args.adapter != NEW_ADAPTER:
+        raise ValueError("an adapter attaches to a stock Wan DiT, not to InfVSR: leave out ADAPTER with MODEL=infvsr")
     output = Path(args.output).resolve()
     tmp_out = output.with_name(f".{output.stem}.partial{output.suffix}")
     stand_ins = args.models_dir is None
@@ -183,7 +209,7 @@ def demo(args):
     with tempfile.TemporaryDirectory(prefix="litevsr-demo-") as base:
         base = Path(base)
         comfy_server.prepare_base(base)
-        yaml_path = stage_models(base, args.models_dir, args.dit, args.vae)
+        yaml_path, model_names = stage_models(base, args.models_dir, args.model, args.dit, args.vae)
         if args.input:
             src = Path(args.input)
             if not src.is_file():
@@ -194,11 +220,11 @@ def demo(args):
         else:
             input_name = SAMPLE_CLIP
             make_clip(bigbuckbunny(), base / "input" / input_name, *sample_shape(args.sample))
-        adapter = stage_adapter(base, args.adapter)
-        workflow = api_workflow_path(args.stream)
-        prompt = configure(load_api_workflow(args.stream), input_name=input_name, scale=args.scale,
-                           steps=args.steps, adapter=adapter, dit=args.dit, vae=args.vae,
-                           filename_prefix="litevsr/demo", workflow_name=workflow.name)
+        adapter = stage_adapter(base, args.adapter) if args.model == LITEVSR else None  # InfVSR takes none
+        workflow = api_workflow_path(args.stream, args.model)
+        prompt = configure(load_api_workflow(args.stream, args.model), input_name=input_name, scale=args.scale,
+                           steps=args.steps, adapter=adapter, filename_prefix="litevsr/demo",
+                           workflow_name=workflow.name, **model_names)
         server = comfy_server.ComfyServer(base, extra_model_paths=yaml_path)
         print(f"[demo] starting ComfyUI (log: {server.log_path}) ...", flush=True)
         with server.start():
@@ -230,7 +256,7 @@ def demo(args):
 def serve(args):
     base = Path(args.base_directory).resolve()
     comfy_server.prepare_base(base)
-    yaml_path = stage_models(base, args.models_dir, DIT_NAME, VAE_NAME)
+    yaml_path, _ = stage_models(base, args.models_dir)
     clip = base / "input" / SAMPLE_CLIP
     if not clip.is_file():
         make_clip(bigbuckbunny(), clip, *sample_shape(SAMPLE_SHAPE))
@@ -262,13 +288,15 @@ def main(argv=None):
     d.add_argument("--timeout", type=int, default=3600)
     d.add_argument("--stream", action="store_true",
                    help="run the long-video example (streaming node, file to file) instead of the upscale example")
+    d.add_argument("--model", choices=(LITEVSR, INFVSR), default=LITEVSR,
+                   help="infvsr: the InfVSR example (streaming node, InfVSR's causal stream; --adapter does not apply)")
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, default=8188)
     s.add_argument("--listen", default="127.0.0.1")
     s.add_argument("--base-directory", default=str(REPO / ".serve"))
     for p in (d, s):
-        p.add_argument("--models-dir", default=None, help="folder with diffusion_models/, vae/, litevsr/")
-    d.add_argument("--dit", default=DIT_NAME, help="DiT file name in MODELS_DIR/diffusion_models")
+        p.add_argument("--models-dir", default=None, help="folder with diffusion_models/, vae/, litevsr/, infvsr/")
+    d.add_argument("--dit", default=None, help="DiT file name in MODELS_DIR/diffusion_models (default: the example's)")
     d.add_argument("--vae", default=VAE_NAME, help="VAE file name in MODELS_DIR/vae")
     args = ap.parse_args(argv)
     for key in ("input", "models_dir"):

@@ -104,9 +104,8 @@ def build_infvsr_stand_ins(folder):
     (dit, vae, ram, dape) paths."""
     from tools import tiny_models
 
-    _, vae = build_stand_ins(folder)
-    dit = tiny_models.save_tiny_infvsr(Path(folder) / "InfVSR.ckpt")
-    return (dit, vae, *tiny_models.save_tiny_reference(folder))
+    return tiny_models.save_infvsr_stand_ins(Path(folder) / "InfVSR.ckpt", Path(folder) / "tiny_wan21_vae.safetensors",
+                                             folder)
 
 
 def load_models(dit_path, vae_path):

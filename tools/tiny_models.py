@@ -125,10 +125,14 @@ def save_tiny_decoder(models_dir, name, seed=0):
 def save_stand_ins(dit_path, vae_path, dit_dim=256, head_std=None):
     """The stand-ins the tools run on without real models: a 2-block Wan2.1 DiT `dit_dim` wide and a Wan2.1 VAE 8 wide,
     saved (their folders made). Returns both paths."""
-    for path in (dit_path, vae_path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    make_parents(dit_path, vae_path)
     return (save_tiny_wan_dit(dit_path, dim=dit_dim, num_layers=2, head_std=head_std),
             save_tiny_wan21_vae(vae_path, dim=8))
+
+
+def make_parents(*paths):
+    for path in paths:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
 def zero_text_context():
@@ -228,3 +232,10 @@ def save_tiny_infvsr(path, dim=256, num_layers=2, seed=0):
     state = tiny_wan_dit_state_dict(dim=dim, num_layers=num_layers, seed=seed, text_dim=INFVSR_CONTEXT_DIM)
     torch.save({key: tensor.to(torch.bfloat16) for key, tensor in state.items()}, str(path))
     return path
+
+
+def save_infvsr_stand_ins(dit_path, vae_path, reference_folder):
+    """The stand-ins for an InfVSR run in InfVSR's own formats: its pickled DiT, and RAM and DAPE in
+    `reference_folder`, with the Wan2.1 VAE 8 wide of `save_stand_ins` (folders made). Returns (dit, vae, ram, dape)."""
+    make_parents(dit_path, vae_path)
+    return (save_tiny_infvsr(dit_path), save_tiny_wan21_vae(vae_path, dim=8), *save_tiny_reference(reference_folder))
