@@ -24,6 +24,7 @@ Sections
                     the full Wan2.1 VAE, the light VAE geometry and the tiny TAEHV decoder, 17 frames at 832x480; the
                     time of tiling the tiny decoder, 17 frames at 1280x720
   stream            whole-run peak RSS of tools/upscale.py for 150 vs 600 frames (memory must not grow with length)
+  stream_infvsr     the same for InfVSR's causal stream (tools/upscale.py --infvsr)
   e2e               output frames per second of whole file-to-file runs, tiny stand-ins, 1/2/4 steps
   gpu               the same with real weights from MODELS_DIR at 1080p and peak VRAM; skipped without CUDA
 """
@@ -270,11 +271,11 @@ def _decoder_rows(d):
                 "extra pixels")]
 
 
-def _stream_rows(s):
+def _stream_rows(s, name="stream", what=""):
     runs = {r["frames"]: r for r in s["runs"]}
     detail = ", ".join(f"{n} frames {runs[n]['peak_rss_mib']:.0f} MiB" for n in sorted(runs))
-    return [("`stream.rss_ratio_600_150`", f"{s['rss_ratio_600_150']:.2f}", "—", "one run per length",
-             f"whole-run peak RSS, 600 ÷ 150 frames at {s['scale']}× from {s['input_size']} ({detail})")]
+    return [(f"`{name}.rss_ratio_600_150`", f"{s['rss_ratio_600_150']:.2f}", "—", "one run per length",
+             f"whole-run peak RSS{what}, 600 ÷ 150 frames at {s['scale']}× from {s['input_size']} ({detail})")]
 
 
 def _fps_rows(section, figure, what):
@@ -302,6 +303,7 @@ def readme_table(results):
     commit it was measured at."""
     sections = results["sections"]
     row_makers = {"adapter_overhead": _overhead_rows, "decode": _decode_rows, "stream": _stream_rows,
+                  "stream_infvsr": lambda s: _stream_rows(s, "stream_infvsr", " of InfVSR's causal stream"),
                   "e2e": _e2e_rows, "gpu": _gpu_rows}
     m = results["machine"]
     lines = [f"Measured on {m['cpu']} ({m['cores_usable']} cores, {m['ram_gib']} GiB, torch {m['torch']}, GPU: "
@@ -347,9 +349,10 @@ def plots(results, folder):
             figures["decode"] += [(f"decode s (fastest)\n{_output_text(decoders)}", decoders["seconds"]),
                                   (f"peak MiB above baseline\n{_output_text(decoders)}", decoders["median_peak_mib"]),
                                   (f"tiny decoder s (fastest)\n{_output_text(tiled)}", tiled["seconds"])]
-    if "stream" in sections:
-        figures["stream"] = [("whole-run peak RSS (MiB)",
-                              {f"{r['frames']} frames": r["peak_rss_mib"] for r in sections["stream"]["runs"]})]
+    for name in ("stream", "stream_infvsr"):
+        if name in sections:
+            figures[name] = [("whole-run peak RSS (MiB)",
+                              {f"{r['frames']} frames": r["peak_rss_mib"] for r in sections[name]["runs"]})]
     if "e2e" in sections:
         figures["e2e"] = [("output frames per second",
                            {f"{steps} steps": s["fps"] for steps, s in sections["e2e"]["summary"].items()})]

@@ -129,19 +129,33 @@ def video_facts(path):
 
 @section("stream")
 def stream_section(args):
-    """Peak RSS of whole streaming runs: it must not grow with the video's length."""
+    """Peak RSS of whole streaming runs with a LiteVSR adapter: it must not grow with the video's length."""
+    settings = {"steps": args.stream_steps, "chunk_frames": args.stream_chunk_frames,
+                "overlap_frames": args.stream_overlap_frames}
+    return measure_stream(args, "stream", ["--steps", str(args.stream_steps), "--chunk-frames",
+                                           str(args.stream_chunk_frames), "--overlap-frames",
+                                           str(args.stream_overlap_frames), "--seed", "0"], settings)
+
+
+@section("stream_infvsr")
+def stream_infvsr_section(args):
+    """The same for InfVSR's causal stream (9 then 12 frames a chunk, rolling KV cache, VAE caches carried): the
+    carried state is bounded, so memory must not grow with the length either."""
+    return measure_stream(args, "stream_infvsr", ["--infvsr"], {"mode": "InfVSR causal stream"})
+
+
+def measure_stream(args, name, model_settings, described):
+    """Runs tools/upscale.py --stand-ins `model_settings` on each length; (result, ok, headline figures)."""
     width, height = (int(x) for x in args.stream_size.lower().split("x"))
     counts = [int(x) for x in args.stream_frames.split(",")]
-    settings = ["--stand-ins", "--scale", str(args.stream_scale), "--steps", str(args.stream_steps),
-                "--chunk-frames", str(args.stream_chunk_frames), "--overlap-frames", str(args.stream_overlap_frames),
-                "--seed", "0"]
+    settings = ["--stand-ins", "--scale", str(args.stream_scale), *model_settings]
     runs, ok = [], True
     spec = (160, 68, 4, "150,600")
     reduced = (width, height, args.stream_scale, args.stream_frames) != spec
     if reduced:
-        print(f"\n[bench stream] NOTE: NOT the specified geometry (150 and 600 frames at 4x from 160x68): "
+        print(f"\n[bench {name}] NOTE: NOT the specified geometry (150 and 600 frames at 4x from 160x68): "
               f"{args.stream_frames} frames at {args.stream_scale}x from {width}x{height}", flush=True)
-    print(f"\n[bench stream] {width}x{height} -> {args.stream_scale * width}x{args.stream_scale * height}, "
+    print(f"\n[bench {name}] {width}x{height} -> {args.stream_scale * width}x{args.stream_scale * height}, "
           f"frames {counts}, {' '.join(settings)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="litevsr-bench-") as scratch:
         for count in counts:
@@ -151,7 +165,7 @@ def stream_section(args):
             log = Path(scratch) / f"upscale_{count}.log"
             command = [sys.executable, "-m", "tools.upscale", "--input", str(source), "--output", str(output),
                        *settings]
-            print(f"[bench stream] {count} frames: {' '.join(command[1:])}", flush=True)
+            print(f"[bench {name}] {count} frames: {' '.join(command[1:])}", flush=True)
             code, seconds, peak = run_measured(command, log, timeout=args.timeout)
             text = log.read_text()
             if args.keep:
@@ -189,7 +203,7 @@ def stream_section(args):
             entry["problems"] = problems
             ok &= not problems
             runs.append(entry)
-            print(f"[bench stream] {count} frames: {seconds:.0f} s, peak RSS {peak / 2 ** 20:.0f} MiB"
+            print(f"[bench {name}] {count} frames: {seconds:.0f} s, peak RSS {peak / 2 ** 20:.0f} MiB"
                   + (f", PROBLEMS: {problems} (log {log})" if problems else ""), flush=True)
 
     by_count = {r["frames"]: r for r in runs}
@@ -200,14 +214,13 @@ def stream_section(args):
     result = {"what": "whole-run peak RSS (os.wait4 ru_maxrss) of tools/upscale.py --stand-ins, one process per run",
               "input_size": f"{width}x{height}",
               "output_size": f"{args.stream_scale * width}x{args.stream_scale * height}",
-              "scale": args.stream_scale, "steps": args.stream_steps, "chunk_frames": args.stream_chunk_frames,
-              "overlap_frames": args.stream_overlap_frames, "specified_geometry": not reduced, "runs": runs,
+              "scale": args.stream_scale, **described, "specified_geometry": not reduced, "runs": runs,
               "rss_ratio_600_150": ratio, "rss_ratio_target": args.stream_rss_target, "target_met": target_met}
     print("\n" + table(["frames", "chunks", "wall s", "s/frame", "peak RSS MiB", "check"],
                        [[r["frames"], r["chunks"], r["seconds"], r["seconds_per_frame"], r["peak_rss_mib"],
                          "ok" if not r["problems"] else "FAIL"] for r in runs]))
-    print(f"stream.rss_ratio_600_150 = {ratio} (target <= {args.stream_rss_target}): "
+    print(f"{name}.rss_ratio_600_150 = {ratio} (target <= {args.stream_rss_target}): "
           f"{'met' if target_met else 'MISSED'}", flush=True)
-    return result, ok and (target_met or ratio is None), {"stream": {"rss_ratio_600_150": ratio}}
+    return result, ok and (target_met or ratio is None), {name: {"rss_ratio_600_150": ratio}}
 
 

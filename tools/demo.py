@@ -26,9 +26,7 @@ from tools.headless import stand_in_banner
 
 REPO = comfy_server.REPO
 EXAMPLES = REPO / "example_workflows"
-UI_WORKFLOW = EXAMPLES / "litevsr_upscale.json"
 API_WORKFLOW = EXAMPLES / "api" / "litevsr_upscale_api.json"
-STREAM_UI_WORKFLOW = EXAMPLES / "litevsr_long_video.json"
 STREAM_API_WORKFLOW = EXAMPLES / "api" / "litevsr_long_video_api.json"
 INFVSR_API_WORKFLOW = EXAMPLES / "api" / "litevsr_infvsr_api.json"
 LITEVSR, INFVSR = "litevsr", "infvsr"  # the demo's model kinds: a Wan DiT with an adapter, or InfVSR as released
