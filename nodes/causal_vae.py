@@ -11,7 +11,7 @@ import torch
 
 from .decoders import describe
 from .vae_calls import frames_out, latent_out, load_for_decode, load_for_encode, on_vae_device, video_pixels_in
-from .wan_vae_steps import causal_coders
+from .wan_vae_steps import CachedDecoder, CachedEncoder, read_stepping
 
 
 class CausalVAEStream:
@@ -25,14 +25,14 @@ class CausalVAEStream:
         if not isinstance(vae.first_stage_model, wan_vae.WanVAE):
             raise ValueError(f"Causal streaming needs the Wan2.1 VAE; this VAE is a {describe(vae)}.")
         self.vae = vae
-        self.encoder_steps, self.decoder_steps = causal_coders()
+        self.stepping = read_stepping(vae.first_stage_model)
         self.reset()
 
     def reset(self):
         """Forgets both caches: the next chunk starts a new clip."""
         model = self.vae.first_stage_model
-        self.encoder = self.encoder_steps(model)
-        self.decoder = self.decoder_steps(model)
+        self.encoder = CachedEncoder(model, self.stepping)
+        self.decoder = CachedDecoder(model, self.stepping)
 
     @torch.no_grad()
     def encode(self, frames):

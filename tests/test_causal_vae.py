@@ -1,5 +1,5 @@
 """The Wan2.1 VAE streamed chunk by chunk with its causal cache carried (nodes/causal_vae.py) against ComfyUI's own
-VAE.encode / VAE.decode of the whole clip, on whichever ComfyUI runs the suite (its stepping is mirrored).
+VAE.encode / VAE.decode of the whole clip, on whichever ComfyUI runs the suite (its stepping is read from its loops).
 
 Each chunk's result is bit for bit ComfyUI's result for the clip that ends with that chunk. Against the whole clip it
 is bit for bit too, except on ComfyUI 0.33 for the last latent of a chunk that ends inside one of its latent pairs
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from comfyui_litevsr.nodes.causal_vae import CausalVAEStream
-from comfyui_litevsr.nodes.wan_vae_steps import causal_coders
+from comfyui_litevsr.nodes.wan_vae_steps import read_stepping
 from tools import tiny_models
 
 CHUNKINGS = [(9, 12, 12), (9, 12, 4), (1, 4, 4, 4, 4), (5, 8)]  # pixel frames: InfVSR's 9|12|..., a short last one
@@ -124,10 +124,20 @@ def test_refuses_what_it_cannot_stream(tiny_vae, clip, monkeypatch):
     tiny_decoder = comfy.sd.VAE(sd={k: v.float() for k, v in tiny_models.tiny_decoder_state_dict(16).items()})
     with pytest.raises(ValueError, match="needs the Wan2.1 VAE"):
         CausalVAEStream(tiny_decoder)
-    # a ComfyUI whose Wan VAE has only some of a known stepping's marks is refused, not guessed
-    if hasattr(wan_vae, "count_cache_layers"):
-        monkeypatch.delattr(wan_vae, "count_cache_layers")
-    else:
-        monkeypatch.setattr(wan_vae, "count_cache_layers", wan_vae.count_conv3d, raising=False)
-    with pytest.raises(RuntimeError, match="steps its causal cache in a way the pack does not know"):
-        causal_coders()
+    # a ComfyUI whose Wan VAE steps irregularly is refused, not guessed
+    def irregular_encode(self, x):
+        return self.conv1(torch.cat([self.encoder(x[:, :, :3]), self.encoder(x[:, :, 3:])], 2)).chunk(2, dim=1)[0]
+
+    monkeypatch.setattr(wan_vae.WanVAE, "encode", irregular_encode)
+    with pytest.raises(RuntimeError, match="steps its causal cache in a way the pack cannot stream"):
+        CausalVAEStream(tiny_vae)
+
+
+def test_the_stepping_is_read_from_comfyuis_own_loops(tiny_vae):
+    """What the recorder reads is what ComfyUI's encode does: its cache list is the one the loop allocates, and
+    stepping the real encoder that way over a whole clip in one call gives VAE.encode's latent (any version)."""
+    stepping = read_stepping(tiny_vae.first_stage_model)
+    print(stepping)
+    assert stepping.encode_step in (2, 4) and stepping.decode_step in (1, 2)
+    frames = torch.rand(13, 16, 16, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(CausalVAEStream(tiny_vae).encode(frames), tiny_vae.encode(frames))
