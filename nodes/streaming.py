@@ -175,6 +175,10 @@ class StreamUpscale:
             self.chunks = causal_chunks(reader.frame_count, self.cuts)
             log.info("LiteVSR: InfVSR causal stream, one step per chunk (9 frames, then 12), whole frames; the "
                      "memory plan's chunk and tile sizes do not apply")
+            if self.sizes.dit_tiled or self.sizes.decode_tiled:
+                log.warning("LiteVSR: the memory planner would tile this output (%dx%d), but InfVSR's causal stream "
+                            "runs whole frames: it may run out of memory; a smaller scale needs less",
+                            self.out_w, self.out_h)
         else:
             self.chunks = split_chunks(reader.frame_count, self.sizes.chunk_frames, self.overlap, self.cuts)
         self.own = range(len(self.chunks))
