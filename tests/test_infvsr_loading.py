@@ -2,9 +2,11 @@
 the released .ckpt and its conversion load to the same model; a pickle carrying code is refused by both without the
 code running; the stock loader cannot load the file at all, which is why the loader exists."""
 import inspect
+import io
 import pickle
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from conftest import REPO
 from tools import tiny_models
 from comfyui_litevsr.nodes.backbone import backbone_signature
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature
-from comfyui_litevsr.nodes.core.pickle_file import PickleRefused
+from comfyui_litevsr.nodes.core.pickle_file import PickleRefused, read_tensor_pickle
 from comfyui_litevsr.nodes.infvsr import NotInfVSR, is_infvsr, load_infvsr_dit
 from comfyui_litevsr.nodes.infvsr_nodes import LiteVSRLoadInfVSR, LiteVSRLoadInfVSRReference
 
@@ -66,7 +68,7 @@ def test_converter_says_what_it_converted_and_keeps_every_tensor(infvsr_ckpt, co
     assert stdout.strip().splitlines() == [stdout.strip()] and "InfVSR DiT" in stdout and "bfloat16" in stdout
     with safe_open(str(path), "pt") as handle:
         assert handle.metadata() == {"source": "InfVSR.ckpt", "kind": "dit"}
-    released = torch.load(infvsr_ckpt, weights_only=True)
+    released = read_tensor_pickle(infvsr_ckpt)
     tensors = load_file(str(path))
     assert tensors.keys() == released.keys()
     assert all(tensors[key].dtype == torch.bfloat16 and torch.equal(tensors[key], released[key]) for key in released)
@@ -101,7 +103,7 @@ def test_newer_comfyui_reloads_it_for_a_deep_copy(infvsr_ckpt):
 
 
 def test_a_checkpoint_prefix_is_stripped_as_comfyui_strips_it(infvsr_ckpt, tmp_path):
-    released = torch.load(infvsr_ckpt, weights_only=True)
+    released = read_tensor_pickle(infvsr_ckpt)
     prefixed = tmp_path / "InfVSR_prefixed.ckpt"
     torch.save({f"model.diffusion_model.{key}": tensor for key, tensor in released.items()}, prefixed)
     assert torch.equal(output(load_infvsr_dit(str(prefixed))), output(load_infvsr_dit(str(infvsr_ckpt))))
@@ -133,7 +135,8 @@ class Payload:
 
 
 def save_with_payload(path, marker, writer):
-    state = torch.load(tiny_models.save_tiny_infvsr(path), weights_only=True)
+    # copies: the reader memory-maps the file, which is rewritten in place below
+    state = {key: tensor.clone() for key, tensor in read_tensor_pickle(tiny_models.save_tiny_infvsr(path)).items()}
     state["blocks.0.payload"] = Payload(marker)  # an otherwise valid InfVSR state dict
     if writer == "torch.save":
         torch.save(state, path)
@@ -143,8 +146,15 @@ def save_with_payload(path, marker, writer):
 
 
 def unpickle_unsafely(path, writer):
+    """A plain unpickler on the file's pickle (torch.save's is data.pkl in a zip; its tensor storages are
+    persistent ids, answered with empty storages of their dtype and size here)."""
     if writer == "torch.save":
-        return torch.load(path, weights_only=False)
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            unpickler = pickle.Unpickler(io.BytesIO(archive.read(name)))
+            unpickler.persistent_load = lambda pid: torch.storage.TypedStorage(pid[4], dtype=pid[1].dtype,
+                                                                               _internal=True)
+            return unpickler.load()
     with open(path, "rb") as handle:
         return pickle.load(handle)
 
