@@ -126,6 +126,16 @@ def attach_adapter(model, adapter, context):
     return patched
 
 
+def direct_call_options(model):
+    """Loads `model` (and the models riding along) onto the compute device and returns the transformer_options of a
+    direct `apply_model` call: the patcher's options with its wrappers merged in, as ComfyUI's samplers do
+    (comfy/samplers.py)."""
+    comfy.model_management.load_models_gpu([model] + model.get_nested_additional_models())
+    options = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
+    comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False)
+    return options
+
+
 def make_denoiser(model, context=None, gradient_checkpointing=False):
     """denoise(x, sigma, lr, estimate) -> x0 for a MODEL with an adapter, in the model's latent space; sigma is a
     number or one value per sample.
@@ -136,10 +146,8 @@ def make_denoiser(model, context=None, gradient_checkpointing=False):
     if attachment is None:
         raise ValueError("This MODEL has no LiteVSR adapter: put 'Attach State-Aware Adapter' between the model "
                          "loader and the sampler.")
-    comfy.model_management.load_models_gpu([model] + model.get_nested_additional_models())
+    options = direct_call_options(model)
     device = model.load_device
-    options = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
-    comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False)
     options[CHECKPOINT_KEY] = gradient_checkpointing
     text = (attachment.context if context is None else context).to(device)
 

@@ -9,10 +9,7 @@
 """
 import torch
 
-import comfy.model_management
-import comfy.patcher_extension
-
-from .backbone import find_attachment
+from .backbone import direct_call_options, find_attachment
 from .core.causal import INFVSR_TIMESTEP, TRAIN_TIMESTEPS
 
 KEY = "litevsr_causal"  # transformer_options key of the call's RollingKV
@@ -65,10 +62,8 @@ def causal_velocity(model, context, timestep=INFVSR_TIMESTEP):
     core.causal.RollingKV) and its RoPE time positions starting at `cache.position`. The caller advances the cache
     after the chunk."""
     patched = causal_model(model)
-    comfy.model_management.load_models_gpu([patched])
+    options = direct_call_options(patched)
     device = patched.load_device
-    options = comfy.patcher_extension.copy_nested_dicts(patched.model_options.get("transformer_options", {}))
-    comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), patched.wrappers, copy_dict1=False)
     patch_h, patch_w = patched.model.diffusion_model.patch_size[1:]
     sigma = timestep / TRAIN_TIMESTEPS  # ComfyUI's Wan takes timestep = sigma * 1000 (exactly 399.0 in float32)
     context = context.to(device)

@@ -188,7 +188,7 @@ def tiny_ram_state_dict(seed=0):
     from comfyui_litevsr.nodes.core.reference_encoder import ReferenceEncoder
     from comfyui_litevsr.nodes.core.swin import SwinGeometry
 
-    encoder = ReferenceEncoder(SwinGeometry(**TINY_SWIN), context_dim=512)
+    encoder = ReferenceEncoder(SwinGeometry(**TINY_SWIN), context_dim=INFVSR_CONTEXT_DIM)
     init_(encoder, seed)
     state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
     stored_buffers = {name: buffer.clone() for name, buffer in encoder.named_buffers()}
@@ -217,7 +217,7 @@ def save_tiny_reference(folder, seed=0):
 
     ram = tiny_ram_state_dict(seed)
     ram_path, dape_path = Path(folder, RAM_FILE), Path(folder, DAPE_FILE)
-    ram_path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(ram_path)
     torch.save({"model": ram}, ram_path)
     torch.save(tiny_dape_state_dict(ram, seed=seed + 1), dape_path)
     return ram_path, dape_path

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import TEMPORAL_STRIDE
+from .geometry import TEMPORAL_STRIDE, frames_on_grid, round_up
 from .sampling import shift_sigma
 from .temporal import Chunk
 
@@ -72,9 +72,7 @@ def causal_chunks(num_frames, cuts=(), plan=CausalPlan()):
 
 def padded_length(count, first):
     """Frames a causal chunk is padded to: 4n+1 for a shot's first chunk, 4n after (the VAE's frame groups)."""
-    if first:
-        return count + (1 - count) % TEMPORAL_STRIDE
-    return count + (-count) % TEMPORAL_STRIDE
+    return frames_on_grid(count) if first else round_up(count, TEMPORAL_STRIDE)
 
 
 class RollingKV:
