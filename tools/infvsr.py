@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from tools import comfy_env
+from tools import comfy_env, comfy_server
 
 comfy_env.import_pack()
 from comfyui_litevsr.nodes.core.adapter_file import save_atomic  # noqa: E402
@@ -55,4 +55,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    comfy_server.exit_on_signals()  # SIGTERM/SIGHUP too remove the temporary output, as Ctrl-C does
     sys.exit(main())
