@@ -97,6 +97,19 @@ class RunResult:
     losses: list  # training loss per optimizer step, from step 1 (a resumed run includes the earlier steps)
     validation: list  # (step, held-out validation loss)
     resumed_from: int = None
+    loss_parts: dict = field(default_factory=dict)  # name -> value per step, of an objective that reports parts
+
+
+@dataclass
+class BoundRun:
+    """What an objective that needs the run's models (`objective.bind(run)`: distillation) gets: the frozen
+    backbone without the adapter, the VAE, the run's text context, device and seed."""
+    backbone: object
+    vae: object
+    context: torch.Tensor
+    device: torch.device
+    seed: int
+    gradient_checkpointing: bool
 
 
 class Hooks:
@@ -126,7 +139,8 @@ def _starting_point(adapter, context, settings, signature, steps):
 def train_adapter(model, vae, dataset, degradation, scale, config, adapter, context=None, settings=None,
                   validation_dataset=None, world=None, hooks=None, objective=velocity_loss):
     """Trains a copy of `adapter` on the frozen `model`; returns a RunResult. Only the adapter's tensors change.
-    `objective`: the loss per sample (core/training.py; the velocity loss unless a caller brings another)."""
+    `objective`: the loss per sample (core/training.py; the velocity loss unless a caller brings another), or an
+    object whose `bind(BoundRun)` makes one from the run's models and names the patchers it keeps loaded."""
     settings, world, hooks = settings or RunSettings(), world or World(), hooks or Hooks()
     signature = backbone_signature(model)
     check_clip_geometry(dataset, scale, signature)
@@ -141,10 +155,14 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
         backbone.model.requires_grad_(False)
         patched = attach_adapter(backbone, adapter, context)
         denoise = make_denoiser(patched, gradient_checkpointing=settings.gradient_checkpointing)
-        thaw_inference_tensors(patched.model)  # after loading: the weights the device really holds
         device = patched.load_device
-        vae_encode = lr_encoder(vae, model)
         resident = [patched] + patched.get_nested_additional_models()
+        if hasattr(objective, "bind"):
+            objective, more_resident = objective.bind(BoundRun(backbone, vae, context, torch.device(device),
+                                                               config.seed, settings.gradient_checkpointing))
+            resident += more_resident
+        thaw_inference_tensors(patched.model)  # after loading: the weights the device really holds
+        vae_encode = lr_encoder(vae, model)
 
         def encode(frames):
             latent = vae_encode(frames)
@@ -191,4 +209,4 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
             parameter.grad = None
     # The trained adapter goes out on the MODEL the caller gave (a light clone): the training copy is dropped.
     return RunResult(attach_adapter(model, adapter, context), adapter, context, list(trainer.losses), history,
-                     resume_state[0] if resume_state is not None else None)
+                     resume_state[0] if resume_state is not None else None, dict(getattr(objective, "history", {})))

@@ -9,7 +9,10 @@ calls feed their clean estimates back before the one call that is trained, with
   M(sigma) = round(1 + s (1 - sigma) / (1 + (s - 1)(1 - sigma)) * (M_max - 1)),  s = 5,
 so training sees the estimates the sampler will show the adapter at inference.
 The loss is a parameter of the trainer: an objective is `objective(denoise, hr_latent, lr_latent, noise, sigma,
-config) -> per-sample loss [B]` (velocity_loss by default); `unrolled_denoise` gives it the trained call.
+config) -> per-sample loss [B]` (velocity_loss by default); `unrolled_denoise` gives it the trained call. An
+objective that trains a second player (distill.Distillation's discriminators) also has `update(trainer)`, called
+after each optimizer step, `state_tensors()` / `state_metadata()` / `load_state()` for checkpoints, and may have a
+`validation` measure.
 
 Every random choice of a sample (clip, crop, degradation, noise, sigma) is a pure function of (seed, sample
 index), and sample indices are laid out so that K processes with batch B/K draw the same global batch as one
@@ -178,8 +181,11 @@ def validation_set(pairs, clips):
 
 
 def validation_loss(denoise, samples, config, device, objective=velocity_loss):
+    """Mean held-out loss: the objective's own, or its `validation` where it has one (an objective with adversarial
+    terms reports the distance it is meant to close)."""
+    measure = getattr(objective, "validation", objective)
     with torch.no_grad():
-        losses = [objective(denoise, s.hr_latent.to(device), s.lr_latent.to(device), s.noise.to(device),
+        losses = [measure(denoise, s.hr_latent.to(device), s.lr_latent.to(device), s.noise.to(device),
                             s.sigma, config) for s in samples]
     return float(torch.cat(losses).mean())
 
@@ -255,6 +261,8 @@ class AdapterTrainer:
         self.scaler.update()
         self.step_count += 1
         self.losses.append(loss)
+        if hasattr(self.objective, "update"):
+            self.objective.update(self)
         return loss
 
     # -- state for checkpoints: plain tensors and JSON-able values, never pickled objects
@@ -265,12 +273,17 @@ class AdapterTrainer:
             for name, value in slots.items():
                 tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().clone()
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        if hasattr(self.objective, "state_tensors"):
+            tensors.update({f"objective.{name}": value for name, value in self.objective.state_tensors().items()})
         return tensors
 
     def state_metadata(self):
         groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.state_dict()["param_groups"]]
-        return {"step": self.step_count, "param_groups": groups, "loss_scale": self.scaler.get_scale()
-                if self.scaler.is_enabled() else None}
+        metadata = {"step": self.step_count, "param_groups": groups, "loss_scale": self.scaler.get_scale()
+                    if self.scaler.is_enabled() else None}
+        if hasattr(self.objective, "state_metadata"):
+            metadata["objective"] = self.objective.state_metadata()
+        return metadata
 
     def load_state(self, tensors, metadata):
         state = {}
@@ -286,3 +299,7 @@ class AdapterTrainer:
             self.scaler.update(float(metadata["loss_scale"]))
         self.step_count = int(metadata["step"])
         self.losses = [float(v) for v in tensors["losses"]]
+        if hasattr(self.objective, "load_state"):
+            prefix = "objective."
+            self.objective.load_state({name[len(prefix):]: value for name, value in tensors.items()
+                                       if name.startswith(prefix)}, metadata.get("objective", {}))
