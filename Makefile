@@ -28,6 +28,12 @@
 #                                  OUT.checkpoints/, RESUME=1 continues from the newest, losses in OUT.log.json;
 #                                  NPROC > 1: data-parallel torchrun processes, global batch = --batch-size (per
 #                                  process, TRAIN_ARGS) x --grad-accumulation x NPROC
+#   make distill TEACHER=adapter.safetensors DATA=videos/ OUT=student.safetensors STEPS=n [TEACHER_STEPS=4] [RESUME=1]
+#                [NPROC=1] [DIT=... VAE=...] [TRAIN_ARGS=...]
+#                                  distil a one-step student from the teacher adapter run at TEACHER_STEPS
+#                                  (tools/train.py --teacher): as `make train`, plus both discriminators in the
+#                                  checkpoints, the teacher in OUT's metadata and the loss parts in OUT.log.json;
+#                                  TRAIN_ARGS takes the distillation options (--feature-weight, ...: --help)
 #   make bench [FULL=1] [MODELS_DIR=...] [BENCH_ARGS=...]   benchmarks -> bench/results/latest.json + PNG plots,
 #                                  README's performance table rewritten from it (bench/run.py): quick by default;
 #                                  the gpu section needs CUDA and MODELS_DIR
@@ -77,6 +83,8 @@ DATA     ?=
 OUT      ?=
 IN       ?=
 RESUME   ?=
+TEACHER  ?=
+TEACHER_STEPS ?= 4
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
 CLIPS    ?=
@@ -89,7 +97,7 @@ TORCHRUN_LAUNCH = $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distrib
 # STEPS defaults to 1 for sampling; `make train` takes only a STEPS that was given
 TRAIN_STEPS = $(if $(filter command line environment,$(origin STEPS)),$(STEPS),)
 
-.PHONY: env test test-quick test-matrix test-browser demo serve upscale train bench gpu-check eval models infvsr-convert \
+.PHONY: env test test-quick test-matrix test-browser demo serve upscale train distill bench gpu-check eval models infvsr-convert \
 	clean
 
 env:
@@ -126,11 +134,18 @@ upscale: env
 		--scale "$(SCALE)" --steps "$(STEPS)" --chunk-frames "$(CHUNK_FRAMES)" --overlap-frames "$(OVERLAP_FRAMES)" \
 		--segment-chunks "$(SEGMENT_CHUNKS)" $(if $(DECODER),--decoder "$(DECODER)") $(UPSCALE_ARGS)
 
+TRAIN_RUN = PYTHONDONTWRITEBYTECODE=1 exec $(TORCHRUN_LAUNCH) -m tools.train --data "$(DATA)" --out "$(OUT)" \
+	--steps "$(TRAIN_STEPS)" $(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(filter-out 0,$(RESUME)),--resume)
+
 train: env
 	@test -n "$(DATA)" && test -n "$(OUT)" && test -n "$(TRAIN_STEPS)" || \
 		{ echo "make train needs DATA=video-folder OUT=adapter.safetensors STEPS=n" >&2; exit 2; }
-	PYTHONDONTWRITEBYTECODE=1 exec $(TORCHRUN_LAUNCH) -m tools.train --data "$(DATA)" --out "$(OUT)" --steps "$(TRAIN_STEPS)" \
-		$(if $(DIT),--dit "$(DIT)" --vae "$(VAE)",--stand-ins) $(if $(filter-out 0,$(RESUME)),--resume) $(TRAIN_ARGS)
+	$(TRAIN_RUN) $(TRAIN_ARGS)
+
+distill: env
+	@test -n "$(TEACHER)" && test -n "$(DATA)" && test -n "$(OUT)" && test -n "$(TRAIN_STEPS)" || \
+		{ echo "make distill needs TEACHER=adapter.safetensors DATA=video-folder OUT=student.safetensors STEPS=n" >&2; exit 2; }
+	$(TRAIN_RUN) --teacher "$(TEACHER)" --teacher-steps "$(TEACHER_STEPS)" $(TRAIN_ARGS)
 
 bench: env
 	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m bench.run $(if $(filter-out 0,$(FULL)),--full) --models-dir "$(MODELS_DIR)" --readme $(BENCH_ARGS)

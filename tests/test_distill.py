@@ -98,7 +98,7 @@ def test_zero_adversarial_weight_is_the_plain_trainer_fed_the_teachers_targets(m
         return [trainer.step() for _ in range(config.steps)], student.state_dict()
 
     def plain_regression(denoise, hr_latent, lr_latent, noise, sigma, config):
-        return latent_mse(one_step(denoise, lr_latent, noise, distill.shift), hr_latent)
+        return latent_mse(one_step(denoise, lr_latent, noise, distill.teacher_shift), hr_latent)
 
     with torch.inference_mode(False), torch.enable_grad():
         distilled_losses, distilled = train(lambda d: d, lambda d: RandomLatents())

@@ -50,3 +50,20 @@ def import_pack():
         del sys.modules[PACKAGE]
         raise
     return module
+
+
+CORE_PACKAGE = "litevsr_core"
+
+
+def core_module(name):
+    """Module `nodes/core/<name>.py` without ComfyUI (the core imports none of it), for what a tool needs before
+    ComfyUI may be set up (argument parsing under torchrun comes before each process picks its GPU). Loaded as
+    package `litevsr_core`: its classes are not the pack's own (`comfyui_litevsr.nodes.core...`); use it for
+    names, defaults and help texts only."""
+    if CORE_PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(CORE_PACKAGE, REPO / "nodes" / "core" / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / "nodes" / "core")])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[CORE_PACKAGE] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{CORE_PACKAGE}.{name}")

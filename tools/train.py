@@ -7,6 +7,8 @@
     python -m tools.train ... --resume                      # continue from the newest checkpoint
     python -m tools.train --data videos/ --out a.safetensors --steps 20 --stand-ins   # tiny random-weight models
     torchrun --nproc_per_node=K -m tools.train ... --batch-size B    # K data-parallel processes
+    python -m tools.train --teacher adapter.safetensors --teacher-steps 4 --data videos/ --out student.safetensors ...
+                                                            # distil a one-step student from an N-step teacher
 
 The run is the one the "Train State-Aware Adapter" node runs (nodes/training_run.py train_adapter): the DiT and VAE are
 loaded as ComfyUI's stock "Load Diffusion Model" and "Load VAE" nodes load them and stay frozen, HR clips from
@@ -21,8 +23,16 @@ Under torchrun (RANK / WORLD_SIZE set) every process loads the models and trains
 per process: the global batch is batch_size x grad_accumulation x processes clips, and every clip is a function of
 (seed, its index in the run), so K processes with --batch-size B/K train what one process with --batch-size B
 trains. Only rank 0 writes checkpoints, OUT and the log.
+
+With --teacher the run distils instead (nodes/distillation.py, the "Distil One-Step Adapter" node's run): the student
+starts as the teacher adapter and learns to reach the teacher's --teacher-steps output in one step, with the
+feature- and pixel-domain discriminators (--feature-weight, --pixel-weight, ...; core/distill.py). Checkpoints
+include both discriminators; OUT's metadata records the teacher (file name, SHA-256, steps); every step in the log
+also has the loss parts (regression, generator and discriminator losses); validation is the held-out latent MSE to
+the teacher's output.
 """
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -31,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools import comfy_server
+from tools import comfy_env, comfy_server
 from tools.headless import (Ranks, add_model_arguments, build_stand_ins, check_model_arguments, load_models,
                             run_headless, stand_in_banner)
 
@@ -105,12 +115,20 @@ def parse_args(argv=None):
     ap.add_argument("--init-adapter", help="start from this adapter file (fine-tune) instead of a new one")
     ap.add_argument("--injection", default="direct", help="new adapter only: direct or shared_blocks")
     ap.add_argument("--adapter-rank", type=int, default=0, help="new adapter only: low-rank injection rank (0: full)")
+    add_distill_arguments(ap)
     args = ap.parse_args(argv)
     check_model_arguments(ap, args)
+    if args.teacher and args.init_adapter:
+        ap.error("--teacher: the student starts as the teacher; leave out --init-adapter")
+    try:
+        distill_config(args, comfy_env.core_module("distill"))
+    except ValueError as invalid:
+        ap.error(str(invalid))
     for option, folder in (("--data", args.data), ("--validation-data", args.validation_data)):
         if folder is not None and not Path(folder).is_dir():
             ap.error(f"{option} {folder}: no such folder")
-    for option, path in (("--dit", args.dit), ("--vae", args.vae), ("--init-adapter", args.init_adapter)):
+    for option, path in (("--dit", args.dit), ("--vae", args.vae), ("--init-adapter", args.init_adapter),
+                         ("--teacher", args.teacher)):
         if path is not None and not Path(path).is_file():
             ap.error(f"{option} {path}: no such file")
     if Path(args.out).suffix != ".safetensors":
@@ -118,6 +136,25 @@ def parse_args(argv=None):
     if args.log_every < 1 or args.validation_clips < 1:
         ap.error("--log-every and --validation-clips must each be at least 1")
     return args
+
+
+def add_distill_arguments(ap):
+    """--teacher, and an option per DistillConfig field (its default and meaning from core/distill.py)."""
+    distill = comfy_env.core_module("distill")  # before ComfyUI: see comfy_env.core_module
+    group = ap.add_argument_group("distillation (with --teacher)")
+    group.add_argument("--teacher", help="distil a one-step student from this adapter file (the teacher, run at "
+                                         "--teacher-steps); the student starts as a copy of it")
+    for field in dataclasses.fields(distill.DistillConfig):
+        group.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
+                           help=f"{distill.SETTING_HELP[field.name]} (default {field.default})")
+
+
+def distill_config(args, core=None):
+    """The DistillConfig of the arguments (of `core`'s distill module: at parse time the standalone core's)."""
+    if core is None:
+        from comfyui_litevsr.nodes.core import distill as core
+    return core.DistillConfig(**{field.name: getattr(args, field.name)
+                                 for field in dataclasses.fields(core.DistillConfig)})
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
@@ -142,7 +179,9 @@ def run_description(args):
             "vae": "stand-in" if args.stand_ins else str(Path(args.vae).resolve()),
             "init_adapter": args.init_adapter and str(Path(args.init_adapter).resolve()),
             "injection": args.injection, "adapter_rank": args.adapter_rank, "precision": args.precision,
-            "gradient_checkpointing": args.gradient_checkpointing}
+            "gradient_checkpointing": args.gradient_checkpointing,
+            **({"teacher": str(Path(args.teacher).resolve()), "distill": distill_config(args).to_dict()}
+               if args.teacher else {})}
 
 
 def decisive_settings(record):
@@ -211,11 +250,19 @@ def progress_hooks(ranks, every):
     return Progress()
 
 
-def starting_adapter(model, args):
+def starting_point(model, args):
+    """(adapter, text context, objective): the adapter training starts from; for --teacher the teacher, which the
+    distillation objective also keeps frozen."""
     from comfyui_litevsr.nodes.adapters import adapter_from_file
     from comfyui_litevsr.nodes.backbone import backbone_signature
+    from comfyui_litevsr.nodes.core.training import velocity_loss
+    from comfyui_litevsr.nodes.distillation import DistillObjective
 
-    return adapter_from_file(backbone_signature(model), args.init_adapter, args.injection, args.adapter_rank, args.seed)
+    start = args.teacher or args.init_adapter
+    adapter, context = adapter_from_file(backbone_signature(model), start, args.injection, args.adapter_rank, args.seed)
+    if not args.teacher:
+        return adapter, context, velocity_loss
+    return adapter, context, DistillObjective(adapter, context, distill_config(args), args.teacher)
 
 
 def write_json(path, data):
@@ -251,7 +298,7 @@ def run(args, ranks):
     with tempfile.TemporaryDirectory(prefix="litevsr-stand-ins-") as scratch:
         dit_path, vae_path = build_stand_ins(scratch, **STAND_IN_DIT) if args.stand_ins else (args.dit, args.vae)
         model, vae = load_models(dit_path, vae_path)
-        adapter, context = starting_adapter(model, args)
+        adapter, context, objective = starting_point(model, args)
         ranks.say(f"models loaded in {time.monotonic() - t0:.1f} s", everyone=ranks.shared)
 
         settings = RunSettings(checkpoint_dir=str(folder), checkpoint_every=args.checkpoint_every,
@@ -265,16 +312,20 @@ def run(args, ranks):
                   f"accumulated x {ranks.world} process{'es' if ranks.shared else ''}), {args.clip_frames} frames "
                   f"{args.crop[1]}x{args.crop[0]}, x{args.scale} {args.preset} degradation")
         result = train_adapter(model, vae, dataset, degradation, args.scale, config, adapter, context, settings,
-                               validation, World(ranks.rank, ranks.world), progress_hooks(ranks, args.log_every))
+                               validation, World(ranks.rank, ranks.world), progress_hooks(ranks, args.log_every),
+                               objective)
     seconds = round(time.monotonic() - t0, 1)
     if ranks.rank != 0:
         return None
 
     save_adapter(out, result.adapter, result.context,
                  {"train_steps": str(config.steps), "train_config": json.dumps(config.to_dict(), sort_keys=True),
-                  "train_run": json.dumps(run_info, sort_keys=True), "train_processes": str(ranks.world)})
+                  "train_run": json.dumps(run_info, sort_keys=True), "train_processes": str(ranks.world),
+                  **(objective.student_metadata() if args.teacher else {})})
+    parts = result.loss_parts
     log = {**record, "resumed_from": result.resumed_from, "seconds": seconds,
-           "steps": [{"step": step, "loss": loss} for step, loss in enumerate(result.losses, 1)],
+           "steps": [{"step": step, "loss": loss, **{name: values[step - 1] for name, values in parts.items()}}
+                     for step, loss in enumerate(result.losses, 1)],
            "validation": [{"step": step, "loss": loss} for step, loss in result.validation]}
     write_json(log_path(out), log)
     ranks.say("validation loss " + ", ".join(f"step {step}: {loss:.6f}" for step, loss in result.validation))

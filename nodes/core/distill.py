@@ -38,7 +38,7 @@ DISCRIMINATORS = ("feature", "pixel")
 @dataclass(frozen=True)
 class DistillConfig:
     teacher_steps: int = 4  # N of the teacher's sampler
-    shift: float = 5.0  # sampling shift of the teacher's schedule (the student takes the one step from sigma 1)
+    teacher_shift: float = 5.0  # sampling shift of the teacher's schedule (the student takes the one step from sigma 1)
     teacher_weight: float = 1.0  # w_T: regression of x_s to the teacher's clean latent
     hr_weight: float = 0.0  # w_HR: regression of x_s to the HR latent
     feature_weight: float = 0.1  # l_f; 0 turns the feature discriminator off
@@ -77,6 +77,29 @@ class DistillConfig:
 
     def weight(self, name):
         return {"feature": self.feature_weight, "pixel": self.pixel_weight}[name]
+
+
+# What each DistillConfig field means, for the node's tooltips and the CLI's help.
+SETTING_HELP = {
+    "teacher_steps": "steps of the teacher's sampler (N >= 2): the quality the one-step student is taught",
+    "teacher_shift": "sampling shift of the teacher's schedule (as the sampler's shift)",
+    "teacher_weight": "weight of the student's latent MSE to the teacher's N-step output",
+    "hr_weight": "weight of the student's latent MSE to the HR clip's latent (0: off)",
+    "feature_weight": "weight of the feature-domain adversarial loss (frozen DiT blocks as the trunk; 0: off)",
+    "pixel_weight": "weight of the pixel-domain adversarial loss (decoded frames; 0: off)",
+    "detail_share": "share of each discriminator head's channels judging detail, the rest temporal consistency "
+                    "(AdcVSR's best: 0.75)",
+    "adversarial_loss": "hinge or non_saturating",
+    "r1_weight": "R1 penalty on the discriminators' gradients at real inputs (0: off)",
+    "real": "what the discriminators learn as real: the teacher's output (distillation) or the HR latent",
+    "feature_sigma": "noise level at which the DiT trunk sees real and fake (0: each sample's training sigma)",
+    "feature_blocks": "DiT blocks in the feature discriminator's frozen trunk (at most the DiT's)",
+    "head_width": "channels of each discriminator head",
+    "pixel_width": "channels of the pixel discriminator's first conv",
+    "pixel_crop": "latent pixels per side decoded for the pixel discriminator (centre crop; 0: all; decoding "
+                  "costs memory)",
+    "discriminator_lr": "AdamW learning rate of both discriminators (betas 0, 0.99)",
+}
 
 
 # --- the discriminators ------------------------------------------------------------------------------------------
@@ -212,7 +235,7 @@ class Distillation:
     def teacher_output(self, lr_latent, noise):
         with torch.no_grad():
             return sample_vsr(self.teacher, lr_latent, noise,
-                              flow_sigmas(self.config.teacher_steps, self.config.shift)).float()
+                              flow_sigmas(self.config.teacher_steps, self.config.teacher_shift)).float()
 
     def discriminator_input(self, name, latent, noise, sigma):
         """What discriminator `name` sees of a clean latent: trunk features at sigma_d, or decoded frames."""
@@ -226,7 +249,7 @@ class Distillation:
 
     def __call__(self, denoise, hr_latent, lr_latent, noise, sigma, config):
         """[B]: the generator loss; remembers real and fake for this step's discriminator update."""
-        student = one_step(denoise, lr_latent, noise, self.config.shift).float()
+        student = one_step(denoise, lr_latent, noise, self.config.teacher_shift).float()
         target = self.teacher_output(lr_latent, noise)
         loss = regression(student, target, hr_latent, self.config)
         parts = {"regression": loss.detach()}
@@ -243,7 +266,8 @@ class Distillation:
 
     def validation(self, denoise, hr_latent, lr_latent, noise, sigma, config):
         """[B]: latent MSE of the student's one step to the teacher's N steps (what distillation is for)."""
-        return latent_mse(one_step(denoise, lr_latent, noise, self.config.shift), self.teacher_output(lr_latent, noise))
+        student = one_step(denoise, lr_latent, noise, self.config.teacher_shift)
+        return latent_mse(student, self.teacher_output(lr_latent, noise))
 
     def update(self, trainer):
         """One optimizer step of the discriminators on the passes of the trainer's last step; returns the step's
