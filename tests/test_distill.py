@@ -13,7 +13,8 @@ from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
 from comfyui_litevsr.nodes.core.checkpoint import load_checkpoint
 from comfyui_litevsr.nodes.core.distill import (DistillConfig, Distillation, DualHead, discriminator_loss,
-                                                 generator_loss, latent_mse, new_discriminators, one_step, r1_penalty)
+                                                 generator_loss, latent_mse, new_discriminators, one_step, r1_penalty,
+                                                 step_calls)
 from comfyui_litevsr.nodes.core.training import AdapterTrainer, TrainConfig, TrainingSample
 from comfyui_litevsr.nodes.distillation import DistillObjective
 from comfyui_litevsr.nodes.training_run import RunSettings, train_adapter
@@ -107,6 +108,30 @@ def test_zero_adversarial_weight_is_the_plain_trainer_fed_the_teachers_targets(m
     assert all(torch.equal(distilled[name], plain[name]) for name in plain)
     assert not torch.equal(distilled["injections.0.up.weight"], perturbed_teacher(model).state_dict()
                            ["injections.0.up.weight"])  # and the student did move
+
+
+def test_step_calls_are_what_a_step_calls():
+    """The cost estimate's call counts (step_calls) against the calls one optimizer step really makes."""
+    calls = {"teacher": 0, "student": 0, "trunk": 0, "decode": 0}
+
+    def counted(name, function):
+        def call(*args):
+            calls[name] += 1
+            return function(*args)
+        return call
+
+    torch.manual_seed(0)
+    adapter = torch.nn.Conv3d(32, 16, 1)
+    student = counted("student", lambda x, sigma, lr, estimate: adapter(torch.cat([x, lr], dim=1)))
+    teacher = counted("teacher", lambda x, sigma, lr, estimate: 0.5 * x + lr)
+    trunk = counted("trunk", lambda latent, sigma: latent * 1.0)
+    decode = counted("decode", lambda latent: latent[:, :3].tanh())
+    config = DistillConfig(teacher_steps=3, head_width=8, pixel_width=4)
+    objective = Distillation(teacher, config, new_discriminators(config, 16), trunk, decode)
+    AdapterTrainer(adapter, student, RandomLatents(), TrainConfig(steps=1), objective=objective).step()
+    expected = step_calls(config)
+    assert calls == {**expected, "decode": 3}  # the pixel discriminator decodes fake, then real and fake
+    assert step_calls(replace(config, feature_weight=0.0))["trunk"] == 0
 
 
 def distil(models, clip_folders, steps, settings=None, distill=ONE_BLOCK, teacher=None, config=None):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory import dit_step_bytes, dit_step_flops, dit_tokens, dit_weight_bytes
 from .sampling import flow_sigmas, sample_vsr
 
 ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
@@ -357,3 +358,37 @@ def _merge(parts):
     names = parts[0].keys() if parts else ()
     return {name: torch.cat([part[name].reshape(-1) for part in parts]) for name in names}
 
+
+# --- what a step costs (estimates from the planner's formulas, core/memory.py) -----------------------------------
+
+def step_calls(config):
+    """Model calls per sample of one step: teacher and student DiT forwards, and feature-trunk forwards (the
+    generator's fake, the discriminator's real and fake); the student's and the generator's trunk call are also
+    differentiated."""
+    return {"teacher": config.teacher_steps, "student": 1, "trunk": 3 if config.feature_weight > 0 else 0}
+
+
+ADAPTER_BYTES_PER_PARAMETER = 20  # float32 student weights, gradient, AdamW's two moments, and the teacher's weights
+
+
+def step_estimate(signature, config, latent_frames, latent_h, latent_w, adapter_parameters, dtype_bytes=2,
+                  gradient_checkpointing=True, **geometry):
+    """(DiT matmul FLOPs, device bytes) of one step on one clip: the calls of `step_calls` at memory.dit_step_flops
+    each, a backward counted as two forwards (three with gradient checkpointing's recompute), the trunk as its
+    share of the blocks; bytes = DiT weights + one call's activation peak + the block inputs kept for backward
+    (all of each block's activations without checkpointing) + the adapters' training state. The decoder and the heads are left out: the pixel
+    discriminator decodes a small crop. `geometry`: memory.py's options (ffn_dim, ...). An estimate, not a
+    measurement."""
+    calls = step_calls(config)
+    adapted = dit_step_flops(signature, latent_frames, latent_h, latent_w, adapter_mode="direct",
+                             ffn_dim=geometry.get("ffn_dim"))
+    blocks = min(config.feature_blocks, signature.num_layers)
+    trunk = dit_step_flops(signature, latent_frames, latent_h, latent_w, ffn_dim=geometry.get("ffn_dim")) \
+        * blocks / signature.num_layers
+    backward = 3 if gradient_checkpointing else 2
+    flops = (calls["teacher"] + 1 + backward) * adapted + (calls["trunk"] + (backward if calls["trunk"] else 0)) * trunk
+    peak = dit_step_bytes(signature, latent_frames, latent_h, latent_w, dtype_bytes, **geometry)
+    kept_per_block = dit_tokens(signature, latent_frames, latent_h, latent_w) * signature.dim * dtype_bytes
+    kept = kept_per_block * signature.num_layers if gradient_checkpointing else peak * signature.num_layers
+    adapters = adapter_parameters * ADAPTER_BYTES_PER_PARAMETER
+    return flops, dit_weight_bytes(signature, dtype_bytes, geometry.get("ffn_dim")) + peak + kept + adapters
