@@ -321,7 +321,8 @@ class LiteVSRSaveAdapter(io.ComfyNode):
             description="Saves a trained adapter into models/litevsr/ as safetensors with the metadata header "
                         "'Attach State-Aware Adapter' checks (backbone signature, format version, text context).",
             inputs=[
-                ADAPTER.Input("adapter", tooltip="From 'Train State-Aware Adapter (LiteVSR)'."),
+                ADAPTER.Input("adapter", tooltip="From 'Train State-Aware Adapter (LiteVSR)' or 'Distil One-Step "
+                                                "Adapter (LiteVSR)'."),
                 io.String.Input("filename_prefix", default="litevsr_adapter",
                                 tooltip="File name under models/litevsr/; a counter is appended "
                                         "(litevsr_adapter_00001.safetensors), nothing is overwritten."),
