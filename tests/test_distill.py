@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
 from comfyui_litevsr.nodes.core.checkpoint import load_checkpoint
 from comfyui_litevsr.nodes.core.distill import (DistillConfig, Distillation, DualHead, discriminator_loss,
@@ -54,12 +53,7 @@ def test_adversarial_losses_and_r1():
 
 def perturbed_teacher(model, seed=1):
     """A teacher that steers the DiT: a fresh adapter with random (not zero) injections."""
-    teacher = new_adapter(backbone_signature(model), "direct", 0, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in teacher.injections.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return teacher
+    return tiny_models.steering_adapter(backbone_signature(model), seed)
 
 
 class RandomLatents:
