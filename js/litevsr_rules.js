@@ -65,6 +65,9 @@ export function overridesProblem(text) {
   return null;
 }
 
+// The nodes that train an adapter on a Video Dataset and a Video Degradation (nodes/train_nodes.py training_inputs).
+const TRAINING_NODES = ["LiteVSRTrainAdapter", "LiteVSRDistillAdapter"];
+
 // One table: node type, the widgets it reads (`widgets`, on the node itself; `upstream`: {input name: [widgets]}
 // of the nodes linked to those inputs), the Python check it mirrors, and check(values) -> message or null.
 // A value that is unknown (widget driven by a link, or nothing connected upstream) is undefined and skips the rule.
@@ -115,15 +118,15 @@ export const RULES = [
       `training crop ${w}x${h} must be a multiple of ${MIN_GRID_PX} px (32 px for Wan2.2 TI2V-5B); e.g. ` +
       `${w - (w % MIN_GRID_PX) || MIN_GRID_PX}x${h - (h % MIN_GRID_PX) || MIN_GRID_PX}` : null,
   },
-  {
-    node: "LiteVSRTrainAdapter", upstream: { dataset: ["width", "height"], degradation: ["scale"] },
+  ...TRAINING_NODES.map((node) => ({
+    node, upstream: { dataset: ["width", "height"], degradation: ["scale"] },
     python: "training_run.py check_clip_geometry",
     check: ({ dataset, degradation }) => {
       const w = dataset?.width, h = dataset?.height, s = degradation?.scale;
       return isNum(w) && isNum(h) && isNum(s) && s > 0 && (w % s || h % s) ?
         `training crop ${w}x${h} (Video Dataset) must be divisible by the degradation scale ${s}` : null;
     },
-  },
+  })),
   {
     node: "LiteVSRDegradation", widgets: ["overrides"], python: "train_nodes.py LiteVSRDegradation, degrade.py",
     check: ({ overrides }) => overridesProblem(overrides),

@@ -28,9 +28,14 @@ def adapter_from_file(signature, path, injection, rank, seed=0):
     return load_adapter(str(path), signature)
 
 
+def adapter_path(name):
+    """The full path of adapter file `name` (as listed in models/litevsr)."""
+    return folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, name)
+
+
 def adapter_from_choice(signature, adapter, injection, rank, seed=0):
     """(module, stored text context or None) for a combo choice: NEW_ADAPTER or a file in models/litevsr."""
-    path = None if adapter == NEW_ADAPTER else folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter)
+    path = None if adapter == NEW_ADAPTER else adapter_path(adapter)
     return adapter_from_file(signature, path, injection, rank, seed)
 
 

@@ -74,7 +74,14 @@ def pixel_decoder(vae, model, device):
     thaw_inference_tensors(decoder)
     decoder.requires_grad_(False)
     decoder.to(device=device, dtype=torch.float32)
-    to_vae_space = model.model.process_latent_out
+    # The MODEL's latent format maps its latents into the VAE's space; a MODEL loaded by a node (under inference
+    # mode) holds that map's mean and std as inference tensors, which autograd refuses to save: a copy of the format
+    # with ordinary clones of them.
+    latent_format = copy.copy(model.model.latent_format)
+    for name, value in list(vars(latent_format).items()):
+        if torch.is_tensor(value) and value.is_inference():
+            setattr(latent_format, name, value.clone())
+    to_vae_space = latent_format.process_out
 
     def decode(latent):
         return decoder.decode(to_vae_space(latent.float()))

@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .compare_nodes import LiteVSRCompare
 from .decode_nodes import LiteVSRColorCorrect, LiteVSRTiledDecode
+from .distill_nodes import LiteVSRDistillAdapter
 from .infvsr_nodes import LiteVSRLoadInfVSR, LiteVSRLoadInfVSRReference
 from .model_check_nodes import LiteVSRCheckModels
 from .model_nodes import LiteVSRAttachAdapter
@@ -16,4 +17,5 @@ class LiteVSRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LiteVSRAttachAdapter, LiteVSREncodeVideo, LiteVSRSampler, LiteVSRTiledDecode, LiteVSRColorCorrect,
                 LiteVSRUpscaleVideoFile, LiteVSRVideoDataset, LiteVSRDegradation, LiteVSRTrainAdapter,
-                LiteVSRSaveAdapter, LiteVSRCheckModels, LiteVSRCompare, LiteVSRLoadInfVSR, LiteVSRLoadInfVSRReference]
+                LiteVSRDistillAdapter, LiteVSRSaveAdapter, LiteVSRCheckModels, LiteVSRCompare, LiteVSRLoadInfVSR,
+                LiteVSRLoadInfVSRReference]

@@ -17,7 +17,7 @@ from .core.adapter_file import save_adapter
 from .core.dataset import VideoClipDataset
 from .core.degrade import PRESETS, degrade_clip, with_overrides
 from .core.sampling import flow_sigmas, sample_vsr
-from .core.training import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, TrainConfig
+from .core.training import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, TrainConfig, velocity_loss
 from .extension_paths import ADAPTER_FOLDER, TRAINING_OUTPUT
 from .model_nodes import adapter_choice_inputs
 from .progress import Eta, send_progress
@@ -170,6 +170,104 @@ class _ProgressHooks(Hooks):
         self.progress.update_absolute(self.progress.current, None, ("JPEG", image, 1024))
 
 
+def timestep_inputs(sampling_tooltip, shift_tooltip):
+    """How training noise levels are drawn (timestep_sampling, shift), with the node's words for what they do."""
+    return [io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLING), default="shifted",
+                           tooltip=sampling_tooltip),
+            io.Float.Input("shift", default=5.0, min=1.0, max=20.0, step=0.1, tooltip=shift_tooltip)]
+
+
+def training_inputs(start, objective):
+    """The inputs of a training node (Train, Distil), in the order saved workflows hold their widgets: the frozen
+    models and the data, `start` (what the adapter starts from), the optimizer's batch, `objective` (the loss's
+    own settings), then the run's optimizer, precision, checkpoint and validation settings and the text context."""
+    return [
+        io.Model.Input("model", tooltip="The frozen Wan DiT (Load Diffusion Model)."),
+        io.Vae.Input("vae", tooltip="The matching Wan VAE; it encodes HR and LR clips every step."),
+        DATASET.Input("dataset", tooltip="Training clips from 'Video Dataset (LiteVSR)'."),
+        DEGRADATION.Input("degradation", tooltip="From 'Video Degradation (LiteVSR)'."),
+        *start,
+        io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps (total, "
+                                                                           "including resumed ones)."),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-7,
+                       tooltip="AdamW learning rate (1e-4 for real backbones; tiny test models take 1e-3)."),
+        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips per forward pass."),
+        io.Int.Input("grad_accumulation", default=1, min=1, max=256,
+                     tooltip="Forward passes per optimizer step (effective batch = batch_size x this)."),
+        *objective,
+        io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001,
+                       tooltip="AdamW decoupled weight decay."),
+        io.Float.Input("grad_clip", default=1.0, min=0.0, max=100.0, step=0.1,
+                       tooltip="Max gradient norm; 0 turns clipping off."),
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Recompute the frozen blocks in backward instead of storing their "
+                                 "activations: much less memory, about 30% slower."),
+        io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                       tooltip="Autocast on GPU (auto: bf16 where supported, else fp16 with loss "
+                               "scaling); the CPU always trains in fp32."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFF, control_after_generate=False,
+                     tooltip="Seeds noise, noise levels, degradations and new weights (fixed: a resumed run "
+                             "must see the same data stream)."),
+        io.String.Input("run_name", default="litevsr_run",
+                        tooltip="Checkpoint folder under output/litevsr_training/."),
+        io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
+                     tooltip="Save a checkpoint every N steps (and at the end); 0: only at the end."),
+        io.Boolean.Input("resume", default=False,
+                         tooltip="Continue from the newest checkpoint of run_name (adapter, optimizer "
+                                 "state and step); the result equals an uninterrupted run."),
+        io.Int.Input("validation_every", default=100, min=0, max=1_000_000,
+                     tooltip="Held-out validation loss and a preview (LR | output | HR) every N steps; "
+                             "also before and after training."),
+        DATASET.Input("validation_dataset", optional=True,
+                      tooltip="Held-out clips; without it validation clips come from the training "
+                              "folder (a separate random stream)."),
+        io.Conditioning.Input("conditioning", optional=True,
+                              tooltip="Optional text conditioning, stored in the adapter file; empty: the "
+                                      "context of the file the adapter starts from, else a zero context (no "
+                                      "text encoder needed)."),
+    ]
+
+
+def run_training(node_id, model, vae, dataset, degradation, start, run_name, checkpoint_every, resume,
+                 validation_every, gradient_checkpointing, precision, validation_dataset=None, conditioning=None,
+                 objective=velocity_loss, run_metadata=None, **config):
+    """(TrainConfig, RunResult) of a training node's run with the pack's progress hooks: `start` = (adapter module,
+    its stored text context or None), `config` the TrainConfig fields the node sets, checkpoints in
+    output/litevsr_training/<run_name>/."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
+        raise ValueError(f"run_name {run_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+    config = TrainConfig(**config)
+    adapter, context = start
+    if conditioning is not None:
+        context = conditioning[0][0]
+    settings = RunSettings(
+        checkpoint_dir=os.path.join(folder_paths.get_output_directory(), TRAINING_OUTPUT, run_name),
+        checkpoint_every=checkpoint_every, resume=resume, validation_every=validation_every,
+        gradient_checkpointing=gradient_checkpointing, precision=precision,
+        run_metadata={"config": config.to_dict(), "scale": degradation["scale"], **(run_metadata or {})})
+    summary = {"batch_size": config.batch_size, "grad_accumulation": config.grad_accumulation,
+               "learning_rate": config.learning_rate, "clip_frames": getattr(dataset, "clip_frames", None),
+               "crop": [getattr(dataset, "crop_width", None), getattr(dataset, "crop_height", None)],
+               "scale": degradation["scale"], "precision": precision, "run_name": run_name}
+    hooks = _ProgressHooks(config.steps, node_id, model, vae, config.shift, summary)
+    result = train_adapter(model, vae, dataset, degradation["config"], degradation["scale"], config, adapter,
+                           context, settings, validation_dataset, hooks=hooks, objective=objective)
+    return config, result
+
+
+def trained_adapter(config, result, metadata=None):
+    """The ADAPTER socket's value (for Save Adapter): the trained module, its context, and the file's metadata
+    (steps and training settings, plus `metadata`)."""
+    return {"adapter": result.adapter, "context": result.context,
+            "metadata": {"train_steps": str(config.steps), "train_config": json.dumps(config.to_dict()),
+                         **(metadata or {})}}
+
+
+def loss_map(values):
+    """A LOSS_MAP (what core 'Plot Loss Graph' reads)."""
+    return {"loss": list(values)}
+
+
 class LiteVSRTrainAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -181,62 +279,19 @@ class LiteVSRTrainAdapter(io.ComfyNode):
                         "matching velocity loss with LiteVSR's clamped sigma^-2 weighting and adaptive unrolling of "
                         "the clean-estimate feedback, AdamW. Checkpoints (adapter + optimizer state) go to "
                         "output/litevsr_training/<run_name>/ and `resume` continues from the newest one exactly.",
-            inputs=[
-                io.Model.Input("model", tooltip="The frozen Wan DiT (Load Diffusion Model)."),
-                io.Vae.Input("vae", tooltip="The matching Wan VAE; it encodes HR and LR clips every step."),
-                DATASET.Input("dataset", tooltip="Training clips from 'Video Dataset (LiteVSR)'."),
-                DEGRADATION.Input("degradation", tooltip="From 'Video Degradation (LiteVSR)'."),
-                *adapter_choice_inputs("Start from a fresh zero-initialised adapter, or fine-tune a file from "
-                                       "models/litevsr."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps (total, "
-                                                                                   "including resumed ones)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-7,
-                               tooltip="AdamW learning rate (1e-4 for real backbones; tiny test models take 1e-3)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips per forward pass."),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=256,
-                             tooltip="Forward passes per optimizer step (effective batch = batch_size x this)."),
-                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLING), default="shifted",
-                               tooltip="shifted: uniform time pushed toward high noise by `shift` (as sampling); "
-                                       "logit_normal: sigmoid of N(0, 1); uniform."),
-                io.Float.Input("shift", default=5.0, min=1.0, max=20.0, step=0.1,
-                               tooltip="Time shift for shifted sampling and the validation preview."),
-                io.Int.Input("max_unrolls", default=3, min=1, max=8,
-                             tooltip="M_max of the adaptive unrolling schedule (s = 5): up to this many model "
-                                     "calls per sample near clean data, feeding each clean estimate back; 1 = off."),
-                io.Combo.Input("loss_weighting", options=list(LOSS_WEIGHTINGS), default="litevsr",
-                               tooltip="litevsr: sigma^-2 (clamped at max_loss_weight); none: plain velocity MSE."),
-                io.Float.Input("max_loss_weight", default=100.0, min=1.0, max=1e4, step=1.0,
-                               tooltip="Clamp of sigma^-2 (100 = no extra weight below sigma 0.1)."),
-                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001,
-                               tooltip="AdamW decoupled weight decay."),
-                io.Float.Input("grad_clip", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Max gradient norm; 0 turns clipping off."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute the frozen blocks in backward instead of storing their "
-                                         "activations: much less memory, about 30% slower."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
-                               tooltip="Autocast on GPU (auto: bf16 where supported, else fp16 with loss "
-                                       "scaling); the CPU always trains in fp32."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Seeds noise, noise levels, degradations and the new adapter (fixed: a "
-                                     "resumed run must see the same data stream)."),
-                io.String.Input("run_name", default="litevsr_run",
-                                tooltip="Checkpoint folder under output/litevsr_training/."),
-                io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
-                             tooltip="Save a checkpoint every N steps (and at the end); 0: only at the end."),
-                io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue from the newest checkpoint of run_name (adapter, optimizer "
-                                         "state and step); the result equals an uninterrupted run."),
-                io.Int.Input("validation_every", default=100, min=0, max=1_000_000,
-                             tooltip="Held-out validation loss and a preview (LR | output | HR) every N steps; "
-                                     "also before and after training."),
-                DATASET.Input("validation_dataset", optional=True,
-                              tooltip="Held-out clips; without it validation clips come from the training "
-                                      "folder (a separate random stream)."),
-                io.Conditioning.Input("conditioning", optional=True,
-                                      tooltip="Optional text conditioning, stored in the adapter file; empty: a "
-                                              "zero context (no text encoder needed)."),
-            ],
+            inputs=training_inputs(
+                adapter_choice_inputs("Start from a fresh zero-initialised adapter, or fine-tune a file from "
+                                      "models/litevsr."),
+                [*timestep_inputs("shifted: uniform time pushed toward high noise by `shift` (as sampling); "
+                                  "logit_normal: sigmoid of N(0, 1); uniform.",
+                                  "Time shift for shifted sampling and the validation preview."),
+                 io.Int.Input("max_unrolls", default=3, min=1, max=8,
+                              tooltip="M_max of the adaptive unrolling schedule (s = 5): up to this many model "
+                                      "calls per sample near clean data, feeding each clean estimate back; 1 = off."),
+                 io.Combo.Input("loss_weighting", options=list(LOSS_WEIGHTINGS), default="litevsr",
+                                tooltip="litevsr: sigma^-2 (clamped at max_loss_weight); none: plain velocity MSE."),
+                 io.Float.Input("max_loss_weight", default=100.0, min=1.0, max=1e4, step=1.0,
+                                tooltip="Clamp of sigma^-2 (100 = no extra weight below sigma 0.1).")]),
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The backbone with the trained adapter attached."),
                 ADAPTER.Output(display_name="adapter", tooltip="For 'Save Adapter (LiteVSR)'."),
@@ -248,36 +303,12 @@ class LiteVSRTrainAdapter(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, dataset, degradation, adapter, injection, rank, steps, learning_rate, batch_size,
-                grad_accumulation, timestep_sampling, shift, max_unrolls, loss_weighting, max_loss_weight,
-                weight_decay, grad_clip, gradient_checkpointing, precision, seed, run_name, checkpoint_every, resume,
-                validation_every, validation_dataset=None, conditioning=None) -> io.NodeOutput:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
-            raise ValueError(f"run_name {run_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
-        config = TrainConfig(steps=steps, learning_rate=learning_rate, weight_decay=weight_decay,
-                             batch_size=batch_size, grad_accumulation=grad_accumulation,
-                             timestep_sampling=timestep_sampling, shift=shift, max_unrolls=max_unrolls,
-                             loss_weighting=loss_weighting, max_loss_weight=max_loss_weight, grad_clip=grad_clip,
-                             seed=seed)
-        start, context = adapter_from_choice(backbone_signature(model), adapter, injection, rank, seed)
-        if conditioning is not None:
-            context = conditioning[0][0]
-        settings = RunSettings(
-            checkpoint_dir=os.path.join(folder_paths.get_output_directory(), TRAINING_OUTPUT, run_name),
-            checkpoint_every=checkpoint_every, resume=resume, validation_every=validation_every,
-            gradient_checkpointing=gradient_checkpointing, precision=precision,
-            run_metadata={"config": config.to_dict(), "scale": degradation["scale"], "start_adapter": adapter})
-        summary = {"batch_size": batch_size, "grad_accumulation": grad_accumulation, "learning_rate": learning_rate,
-                   "clip_frames": getattr(dataset, "clip_frames", None),
-                   "crop": [getattr(dataset, "crop_width", None), getattr(dataset, "crop_height", None)],
-                   "scale": degradation["scale"], "precision": precision, "run_name": run_name}
-        hooks = _ProgressHooks(steps, getattr(cls.hidden, "unique_id", None), model, vae, shift, summary)
-        result = train_adapter(model, vae, dataset, degradation["config"], degradation["scale"], config, start,
-                               context, settings, validation_dataset, hooks=hooks)
-        trained = {"adapter": result.adapter, "context": result.context,
-                   "metadata": {"train_steps": str(steps), "train_config": json.dumps(config.to_dict())}}
-        return io.NodeOutput(result.model, trained,
-                             {"loss": result.losses}, {"loss": [loss for _, loss in result.validation]})
+    def execute(cls, model, vae, dataset, degradation, adapter, injection, rank, **settings) -> io.NodeOutput:
+        start = adapter_from_choice(backbone_signature(model), adapter, injection, rank, settings["seed"])
+        config, result = run_training(getattr(cls.hidden, "unique_id", None), model, vae, dataset, degradation,
+                                      start, run_metadata={"start_adapter": adapter}, **settings)
+        return io.NodeOutput(result.model, trained_adapter(config, result), loss_map(result.losses),
+                             loss_map(loss for _, loss in result.validation))
 
 
 class LiteVSRSaveAdapter(io.ComfyNode):
@@ -290,7 +321,8 @@ class LiteVSRSaveAdapter(io.ComfyNode):
             description="Saves a trained adapter into models/litevsr/ as safetensors with the metadata header "
                         "'Attach State-Aware Adapter' checks (backbone signature, format version, text context).",
             inputs=[
-                ADAPTER.Input("adapter", tooltip="From 'Train State-Aware Adapter (LiteVSR)'."),
+                ADAPTER.Input("adapter", tooltip="From 'Train State-Aware Adapter (LiteVSR)' or 'Distil One-Step "
+                                                "Adapter (LiteVSR)'."),
                 io.String.Input("filename_prefix", default="litevsr_adapter",
                                 tooltip="File name under models/litevsr/; a counter is appended "
                                         "(litevsr_adapter_00001.safetensors), nothing is overwritten."),

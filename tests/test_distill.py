@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
 from comfyui_litevsr.nodes.core.checkpoint import load_checkpoint
 from comfyui_litevsr.nodes.core.distill import (DistillConfig, Distillation, DualHead, discriminator_loss,
                                                  generator_loss, latent_mse, new_discriminators, one_step, r1_penalty,
                                                  step_calls)
 from comfyui_litevsr.nodes.core.training import AdapterTrainer, TrainConfig, TrainingSample
-from comfyui_litevsr.nodes.distillation import DistillObjective
+from comfyui_litevsr.nodes.distillation import DistillObjective, pixel_decoder
 from comfyui_litevsr.nodes.training_run import RunSettings, train_adapter
 
 from test_training import SCALE, clip_folders, datasets, fresh, models, tensor_digest  # noqa: F401 (fixtures)
@@ -55,12 +54,7 @@ def test_adversarial_losses_and_r1():
 
 def perturbed_teacher(model, seed=1):
     """A teacher that steers the DiT: a fresh adapter with random (not zero) injections."""
-    teacher = new_adapter(backbone_signature(model), "direct", 0, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in teacher.injections.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return teacher
+    return tiny_models.steering_adapter(backbone_signature(model), seed)
 
 
 class RandomLatents:
@@ -180,6 +174,26 @@ def test_backbone_untouched_and_the_feature_discriminator_trains_only_its_head(m
     fresh_head = new_discriminators(ONE_BLOCK, backbone_signature(model).dim, seed=2)["feature"].state_dict()
     assert any(not torch.equal(feature[name], fresh_head[name]) for name in feature)  # and it did train
     assert all(len(values) == 2 for values in result.loss_parts.values())
+
+
+def test_pixel_decoder_trains_through_a_model_loaded_by_a_node(tiny_dit_path, tiny_vae_path):
+    """ComfyUI runs the loader nodes under inference mode, so that MODEL's latent format holds inference tensors
+    (Wan's latent mean and std), which autograd refuses to save: the pixel discriminator's decode still backpropagates
+    to the latent, and its frames equal the stock map into the VAE's space followed by the VAE's decode."""
+    import comfy.sd
+    import comfy.utils
+
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model(str(tiny_dit_path))
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(tiny_vae_path)))
+    assert model.model.latent_format.latents_std.is_inference()
+    latent = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    frames = pixel_decoder(vae, model, torch.device("cpu"))(latent)
+    frames.square().sum().backward()
+    assert latent.grad.abs().sum() > 0
+    with torch.no_grad():
+        stock = vae.first_stage_model.decode(model.model.process_latent_out(latent.detach()))
+    assert torch.equal(frames.detach(), stock)
 
 
 @pytest.fixture(scope="module")

@@ -160,6 +160,7 @@ def python_overrides(text):
 SAMPLER = [(t, o) for t in (0, 64, 256, 512) for o in (0, 64, 256, 512)]
 DECODE = [(t, o) for t in (64, 256, 512) for o in (0, 64, 256, 512)]
 STREAM = [(c, o) for c in (0, 1, 5, 9, 17, 32, 33, 81) for o in (0, 4, 6, 8, 16, 28, 32)]
+TRAINING_NODES = ("LiteVSRTrainAdapter", "LiteVSRDistillAdapter")  # both check the crop against the scale
 TRAINING = [(c, w, h, s) for c in (1, 5, 16, 17) for w, h in ((256, 256), (250, 256), (256, 240), (96, 80))
             for s in (2, 3, 4)]
 OVERRIDES = ["", "  ", "{}", '{"stage1": {"blur_sigma": [0.2, 2.0]}}', '{"stage1": {"blur_sigma": [1]}}',
@@ -185,18 +186,20 @@ def test_rules_mirror_the_python_checks(tmp_path):
         cases.append(["LiteVSRDegradation", {"overrides": text, "preset": "standard", "scale": 4}, {}])
         expected.append(python_overrides(text))
     training_start = len(cases)
-    for c, w, h, s in TRAINING:  # the dataset node's own rules, then the training node's (it sees both nodes)
+    for c, w, h, s in TRAINING:  # the dataset node's own rules, then each training node's (it sees both nodes)
         cases.append(["LiteVSRVideoDataset", {"clip_frames": c, "width": w, "height": h}, {}])
-        cases.append(["LiteVSRTrainAdapter", {}, {"dataset": {"clip_frames": c, "width": w, "height": h},
-                                                  "degradation": {"scale": s}}])
+        cases += [[node, {}, {"dataset": {"clip_frames": c, "width": w, "height": h}, "degradation": {"scale": s}}]
+                  for node in TRAINING_NODES]
     out = run_rules(tmp_path, cases)["validate"]
     warned = [bool(messages) for messages in out[:training_start]]
     mismatches = [(case, python, js) for case, python, js in zip(cases, expected, out) if bool(js) != python]
     assert not mismatches, "\n".join(f"{c}: python raises {p}, js warns {j}" for c, p, j in mismatches)
     assert any(warned) and not all(warned)
-    rest = out[training_start:]
-    for (c, w, h, s), dataset, train in zip(TRAINING, rest[0::2], rest[1::2]):
-        assert bool(dataset or train) == python_training(c, w, h, s), (c, w, h, s, dataset, train)
+    group = 1 + len(TRAINING_NODES)
+    for i, (c, w, h, s) in enumerate(TRAINING):
+        dataset, *trains = out[training_start + i * group:training_start + (i + 1) * group]
+        for node, train in zip(TRAINING_NODES, trains):
+            assert bool(dataset or train) == python_training(c, w, h, s), (node, c, w, h, s, dataset, train)
 
 
 @needs_node

@@ -2,8 +2,8 @@
 
 PACK_NODES = {"LiteVSRAttachAdapter", "LiteVSREncodeVideo", "LiteVSRSampler", "LiteVSRTiledDecode",
               "LiteVSRColorCorrect", "LiteVSRUpscaleVideoFile", "LiteVSRVideoDataset", "LiteVSRDegradation",
-              "LiteVSRTrainAdapter", "LiteVSRSaveAdapter", "LiteVSRCheckModels", "LiteVSRCompare",
-              "LiteVSRLoadInfVSR", "LiteVSRLoadInfVSRReference"}
+              "LiteVSRTrainAdapter", "LiteVSRDistillAdapter", "LiteVSRSaveAdapter", "LiteVSRCheckModels",
+              "LiteVSRCompare", "LiteVSRLoadInfVSR", "LiteVSRLoadInfVSRReference"}
 
 
 def test_every_node_is_documented(object_info):

@@ -34,26 +34,30 @@ def nodes_of(prompt, class_type):
     return [(key, node) for key, node in prompt.items() if node["class_type"] == class_type]
 
 
-def train_prompt(**train_inputs):
-    """The example's API twin with CPU-sized settings (the graph and every other value as shipped)."""
-    prompt = load(TRAIN_API)
+def cpu_prompt(path, node, prefix, **train_inputs):
+    """A training example's API twin with CPU-sized settings (the graph and every other value as shipped): its
+    training `node` gets `train_inputs`, its Save node `prefix`."""
+    prompt = load(path)
     (_, dataset), = nodes_of(prompt, "LiteVSRVideoDataset")
     assert dataset["inputs"]["folder"] == TRAIN_FOLDER
     dataset["inputs"].update(clip_frames=CLIP_FRAMES, width=CROP, height=CROP)
     (_, degradation), = nodes_of(prompt, "LiteVSRDegradation")
     degradation["inputs"].update(preset="light", scale=SCALE)
-    (_, train), = nodes_of(prompt, TRAIN)
+    (_, train), = nodes_of(prompt, node)
     train["inputs"].update({"steps": STEPS, "learning_rate": 1e-3, "checkpoint_every": EVERY,
-                            "validation_every": EVERY, "gradient_checkpointing": True, "run_name": RUN_NAME,
-                            **train_inputs})
+                            "validation_every": EVERY, "gradient_checkpointing": True, **train_inputs})
     (_, save), = nodes_of(prompt, "LiteVSRSaveAdapter")
-    save["inputs"]["filename_prefix"] = PREFIX
+    save["inputs"]["filename_prefix"] = prefix
     return prompt
 
 
-def run_training(comfy, prompt):
-    """Runs the prompt; returns (history entry, progress lines of the train node, seconds)."""
-    train_id = nodes_of(prompt, TRAIN)[0][0]
+def train_prompt(**train_inputs):
+    return cpu_prompt(TRAIN_API, TRAIN, PREFIX, **{"run_name": RUN_NAME, **train_inputs})
+
+
+def run_training(comfy, prompt, node=TRAIN):
+    """Runs the prompt; returns (history entry, progress lines of the training node, seconds)."""
+    train_id = nodes_of(prompt, node)[0][0]
     progress = []
     t0 = time.monotonic()
     comfy.run_prompt(prompt, timeout=600, on_progress=lambda line: progress.append(line))
@@ -134,18 +138,28 @@ def test_training_example_saves_adapter_checkpoints_and_loss_graph(comfy, traine
     assert state_losses(comfy, EVERY) == losses[:EVERY]
     print(f"[train e2e] training losses: {', '.join(f'{v:.4f}' for v in losses)}")
 
-    # both loss graphs: Plot Loss Graph shows its PNG as a preview (ComfyUI's temp/, not output/)
-    for key, _ in nodes_of(trained["prompt"], "LossGraphNode"):
-        (image,) = trained["entry"]["outputs"][key]["images"]
+    assert loss_graphs(comfy, trained["prompt"], trained["entry"]) == 2  # training and validation loss
+    check_step_progress(trained["progress"], STEPS)
+
+
+def loss_graphs(comfy, prompt, entry):
+    """How many Plot Loss Graph nodes drew their map: each shows its PNG as a preview (ComfyUI's temp/, not
+    output/); every one in the prompt must have."""
+    graphs = nodes_of(prompt, "LossGraphNode")
+    for key, _ in graphs:
+        (image,) = entry["outputs"][key]["images"]
         png = comfy.base / image["type"] / image.get("subfolder", "") / image["filename"]
         assert png.suffix == ".png" and png.is_file(), image
         with png.open("rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    return len(graphs)
 
-    # progress of the train node reached the websocket: one update per step, up to the total
-    values = [line.rsplit(": ", 1)[1] for line in trained["progress"] if not line.endswith(f": 0/{STEPS}")]
-    assert set(values) == {f"{step}/{STEPS}" for step in range(1, STEPS + 1)} and values[-1] == f"{STEPS}/{STEPS}", \
-        trained["progress"]
+
+def check_step_progress(progress, steps):
+    """The training node's progress reached the websocket: one update per step, up to the total."""
+    values = [line.rsplit(": ", 1)[1] for line in progress if not line.endswith(f": 0/{steps}")]
+    assert set(values) == {f"{step}/{steps}" for step in range(1, steps + 1)} and values[-1] == f"{steps}/{steps}", \
+        progress
 
 
 def test_resume_continues_from_the_newest_checkpoint(comfy, trained):

@@ -1,4 +1,5 @@
 """The training nodes' own contracts, called in-process as ComfyUI calls them (under inference mode)."""
+from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
@@ -8,8 +9,11 @@ import folder_paths
 from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.core.adapter_file import read_adapter_config
 from comfyui_litevsr.nodes.core.degrade import degrade_clip, with_overrides
+from comfyui_litevsr.nodes.core.distill import DistillConfig
+from comfyui_litevsr.nodes.distill_nodes import LiteVSRDistillAdapter
 from comfyui_litevsr.nodes.backbone import backbone_signature
-from comfyui_litevsr.nodes.train_nodes import LiteVSRDegradation, LiteVSRSaveAdapter, LiteVSRVideoDataset
+from comfyui_litevsr.nodes.train_nodes import (LiteVSRDegradation, LiteVSRSaveAdapter, LiteVSRTrainAdapter,
+                                               LiteVSRVideoDataset)
 from comfyui_litevsr.nodes.training_run import train_adapter
 
 
@@ -65,3 +69,13 @@ def test_validation_crop_is_checked_before_training(tiny_dit):
     good, bad = SimpleNamespace(crop_width=64, crop_height=64), SimpleNamespace(crop_width=64, crop_height=56)
     with pytest.raises(ValueError, match=r"validation crop 64x56 must be a multiple of 16 px"):
         train_adapter(tiny_dit, None, good, None, 4, None, None, validation_dataset=bad)
+
+
+def test_distil_node_offers_every_distillation_setting_and_the_train_nodes_run_settings():
+    distil = {spec.id: spec for spec in LiteVSRDistillAdapter.define_schema().inputs}
+    for field in fields(DistillConfig):  # every setting, with the objective's own default
+        assert distil[field.name].default == field.default, field.name
+    train = [spec.id for spec in LiteVSRTrainAdapter.define_schema().inputs]
+    objective_only = {"adapter", "injection", "rank", "max_unrolls", "loss_weighting", "max_loss_weight"}
+    assert [name for name in train if name not in objective_only] == [name for name in distil if name in train]
+    assert "teacher" in distil and objective_only.isdisjoint(distil)

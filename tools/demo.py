@@ -35,6 +35,7 @@ VAE_NAME = "wan_2.1_vae.safetensors"
 INFVSR_DIT_NAME = "InfVSR.ckpt"
 RAM_NAME, DAPE_NAME = "ram_swin_large_14m.pth", "DAPE.pth"  # InfVSR's reference encoder files, in models/infvsr
 TINY_DECODER_NAME = "lighttaew2_1.safetensors"  # the tiny-decoder example's, in models/vae_approx
+TEACHER_NAME = "litevsr_adapter_00001.safetensors"  # the distillation example's teacher (what training saves first)
 SAMPLE_CLIP = "bigbuckbunny_320x180.mp4"  # the file name the examples' LoadVideo node uses
 SAMPLE_SHAPE = "33x320x180"  # frames x width x height of the default input cut from bigbuckbunny
 NEW_ADAPTER = "new (zero-init)"
@@ -90,14 +91,16 @@ def make_clip(src, dst, frames, width, height):
 
 def build_stand_ins(models_root):
     """Every example's stand-ins under its model names in `models_root` (under a second, so each example runs as
-    loaded): a tiny random-weight Wan2.1 DiT and VAE, the tiny-decoder example's decoder (real TAEHV size, random
-    weights) in vae_approx/, and InfVSR's DiT, RAM and DAPE in InfVSR's formats."""
+    loaded): a tiny random-weight Wan2.1 DiT and VAE, the distillation example's teacher adapter for that DiT in
+    litevsr/, the tiny-decoder example's decoder (real TAEHV size, random weights) in vae_approx/, and InfVSR's DiT,
+    RAM and DAPE in InfVSR's formats."""
     from tools import comfy_env, tiny_models
 
     comfy_env.use_comfy()
     models = {setting: Path(models_root, folder, name) for setting, (folder, name) in example_models(INFVSR).items()}
     tiny_models.save_tiny_decoder(models_root, TINY_DECODER_NAME)
     tiny_models.save_stand_ins(Path(models_root) / "diffusion_models" / DIT_NAME, models["vae"])
+    tiny_models.save_teacher(Path(models_root) / "litevsr" / TEACHER_NAME)
     tiny_models.save_infvsr_stand_ins(models["dit"], models["vae"], models["ram"].parent)
 
 

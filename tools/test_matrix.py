@@ -21,7 +21,7 @@ SHARED_SNAPSHOTS = REPO.parent / "shared" / "comfyui"
 # Model loading and adapter attachment, inference end to end, streaming, training (in process, headless, in a server).
 COMPATIBILITY_TESTS = ["test_model_nodes.py", "test_adapter_identity.py", "test_e2e.py", "test_examples.py",
                        "test_stream_e2e.py", "test_stream_tiny.py", "test_train_nodes.py", "test_training.py",
-                       "test_train_headless.py", "test_train_e2e.py"]
+                       "test_train_headless.py", "test_train_e2e.py", "test_distill_e2e.py"]
 
 
 def default_specs():

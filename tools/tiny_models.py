@@ -122,12 +122,38 @@ def save_tiny_decoder(models_dir, name, seed=0):
     return path
 
 
+STAND_IN_LAYERS = 2  # blocks of the stand-in DiT of save_stand_ins
+
+
 def save_stand_ins(dit_path, vae_path, dit_dim=256, head_std=None):
     """The stand-ins the tools run on without real models: a 2-block Wan2.1 DiT `dit_dim` wide and a Wan2.1 VAE 8 wide,
     saved (their folders made). Returns both paths."""
     make_parents(dit_path, vae_path)
-    return (save_tiny_wan_dit(dit_path, dim=dit_dim, num_layers=2, head_std=head_std),
+    return (save_tiny_wan_dit(dit_path, dim=dit_dim, num_layers=STAND_IN_LAYERS, head_std=head_std),
             save_tiny_wan21_vae(vae_path, dim=8))
+
+
+def steering_adapter(signature, seed=1, std=0.02):
+    """A stand-in for a trained adapter (a distillation teacher): a fresh direct adapter whose zero-initialised
+    injections are set to small random values, so it steers the DiT."""
+    from comfyui_litevsr.nodes.adapters import new_adapter
+
+    adapter = new_adapter(signature, "direct", 0, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter.injections.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return adapter
+
+
+def save_teacher(path, dit_dim=256, seed=1):
+    """A `steering_adapter` file for the stand-in DiT of `save_stand_ins` (its geometry), its folder made."""
+    from comfyui_litevsr.nodes.core.adapter_file import save_adapter
+
+    signature = backbones.family("wan2.1").signature(dim=dit_dim, num_layers=STAND_IN_LAYERS,
+                                                     num_heads=dit_dim // 128, text_dim=TEXT_DIM)
+    make_parents(path)
+    return save_adapter(str(path), steering_adapter(signature, seed))
 
 
 def make_parents(*paths):
