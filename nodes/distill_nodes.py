@@ -15,7 +15,7 @@ from .extension_paths import ADAPTER_FOLDER
 from .train_nodes import ADAPTER, LOSS_MAP, loss_map, run_training, timestep_inputs, trained_adapter, training_inputs
 
 DEFAULTS = DistillConfig()
-DISTILL_INPUTS = tuple(f.name for f in fields(DistillConfig) if f.name != "shift")  # shift: a training input
+DISTILL_INPUTS = tuple(f.name for f in fields(DistillConfig))
 WEIGHTS = {  # the loss weights, each 0 and up
     "teacher_weight": "Weight of the regression (latent MSE) of the student's one-step output to the teacher's N-step "
                       "output.",
@@ -35,12 +35,15 @@ def ours(name, tooltip):
 
 
 def distill_inputs():
-    """An input per DistillConfig field (but `shift`), defaulting to DistillConfig's."""
+    """An input per DistillConfig field, defaulting to DistillConfig's."""
     d = DEFAULTS
     return [
         io.Int.Input("teacher_steps", default=d.teacher_steps, min=2, max=100,
                      tooltip=ours("teacher_steps", "Steps of the teacher's sampler: the quality the student learns "
                                                    "to reach in one step; the step count the teacher is best at.")),
+        io.Float.Input("teacher_shift", default=d.teacher_shift, min=1.0, max=20.0, step=0.1,
+                       tooltip=ours("teacher_shift", "Sampling shift of the teacher's schedule (as the Sampler's "
+                                                     "shift you would run the teacher with).")),
         *[io.Float.Input(name, default=getattr(d, name), min=0.0, max=100.0, step=0.01, tooltip=ours(name, tooltip))
           for name, tooltip in WEIGHTS.items()],
         io.Float.Input("detail_share", default=d.detail_share, min=0.05, max=0.95, step=0.05,
@@ -93,9 +96,8 @@ class LiteVSRDistillAdapter(io.ComfyNode):
                 [*timestep_inputs("How training noise levels are drawn; only used with feature_sigma 0 (the "
                                   "feature discriminator then sees each sample's own level): the student always "
                                   "takes its one step from pure noise.",
-                                  "Sampling shift of the teacher's schedule (the Sampler's shift; the student's one "
-                                  "step is the same at any shift) and, with feature_sigma 0, of shifted "
-                                  "timestep_sampling."),
+                                  "Time shift of shifted timestep_sampling; only used with feature_sigma 0 (the "
+                                  "teacher's sampling shift is teacher_shift)."),
                  *distill_inputs()]),
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The backbone with the one-step student attached "
@@ -119,7 +121,7 @@ class LiteVSRDistillAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, dataset, degradation, teacher, **settings) -> io.NodeOutput:
-        distill = DistillConfig(shift=settings["shift"], **{name: settings.pop(name) for name in DISTILL_INPUTS})
+        distill = DistillConfig(**{name: settings.pop(name) for name in DISTILL_INPUTS})
         path = adapter_path(teacher)
         start = load_adapter(path, backbone_signature(model))
         objective = DistillObjective(start[0], start[1], distill, path)
