@@ -1,13 +1,20 @@
 """A one-step student distilled from a teacher adapter: its record in the adapter file round-trips, a broken one is
-refused in one line."""
+refused in one line, and sampling it at another step count warns (Sampler node and streaming run)."""
 import json
+import logging
 
 import pytest
+import torch
 
 from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.backbone import backbone_signature
 from comfyui_litevsr.nodes.core.adapter_file import (DISTILLED_KEY, AdapterFileError, distillation_metadata,
                                                      load_adapter, read_distillation, save_adapter)
+from comfyui_litevsr.nodes.core.video_io import VideoReader, VideoWriter
+from comfyui_litevsr.nodes.latents import vsr_latent
+from comfyui_litevsr.nodes.model_nodes import LiteVSRAttachAdapter
+from comfyui_litevsr.nodes.sample_nodes import LiteVSRSampler
+from comfyui_litevsr.nodes.streaming import StreamOptions, StreamUpscale
 
 TEACHER_SHA = "ab" * 32
 RECORD = {"steps": 1, "teacher": "teacher.safetensors", "teacher_sha256": TEACHER_SHA, "teacher_steps": 4}
@@ -59,3 +66,41 @@ def test_a_malformed_record_is_refused_in_one_line(tmp_path, tiny_dit, value):
 def test_the_writer_cannot_write_a_record_the_reader_refuses():
     with pytest.raises(AdapterFileError, match="invalid 'distilled' record"):
         distillation_metadata(1, "", TEACHER_SHA, 4)
+
+
+def distilled_warnings(caplog):
+    return [record.getMessage() for record in caplog.records
+            if record.levelno == logging.WARNING and "distilled" in record.getMessage()]
+
+
+def attach(model, name):
+    return LiteVSRAttachAdapter.execute(model, name, "direct", 0, None).result[0]
+
+
+def test_the_sampler_warns_once_outside_the_distilled_steps(tiny_dit, adapter_dir, caplog):
+    student = attach(tiny_dit, "student.safetensors")
+    latent = vsr_latent(torch.randn(1, 16, 2, 4, 6), frames=5, height=64, width=96)
+    caplog.set_level(logging.WARNING, logger="LiteVSR")
+    LiteVSRSampler.execute(student, latent, 0, 2, 5.0, "noise", 0.4)
+    assert distilled_warnings(caplog) == [
+        "LiteVSR: this adapter was distilled for 1 step from a 4-step teacher (teacher.safetensors); steps=2 "
+        "runs it outside what it was trained for: set steps to 1"]
+    caplog.clear()
+    LiteVSRSampler.execute(student, latent, 0, 1, 5.0, "noise", 0.4)
+    LiteVSRSampler.execute(attach(tiny_dit, "plain.safetensors"), latent, 0, 2, 5.0, "noise", 0.4)
+    assert distilled_warnings(caplog) == []
+
+
+def test_the_streaming_run_warns_outside_the_distilled_steps(tiny_dit, tiny_vae, adapter_dir, tmp_path, caplog):
+    clip = tmp_path / "clip.mp4"
+    with VideoWriter(clip, 8, 32, 32) as writer:
+        writer.write(torch.rand(5, 32, 32, 3))
+    student = attach(tiny_dit, "student.safetensors")
+    caplog.set_level(logging.WARNING, logger="LiteVSR")
+    for steps in (1, 3):
+        options = StreamOptions(scale=2, steps=steps, shift=5.0, start="noise", start_sigma=0.4, seed=0,
+                                chunk_frames=0, overlap_frames=4, scene_cut_threshold=0, dit_tile=0, decode_tile=0,
+                                colour="none", crf=18)
+        StreamUpscale(student, tiny_vae, VideoReader(clip), options)
+    assert [message.split(";")[1] for message in distilled_warnings(caplog)] == [
+        " steps=3 runs it outside what it was trained for: set steps to 1"]

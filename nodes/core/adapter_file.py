@@ -104,6 +104,16 @@ def read_distillation(path):
     return distillation_record(read_header(path).get("__metadata__") or {}, os.path.basename(path))
 
 
+def distilled_steps_warning(record, steps):
+    """The one line to log when an adapter distilled for `record["steps"]` is sampled with `steps`, else None."""
+    if record is None or steps == record["steps"]:
+        return None
+    distilled = f"{record['steps']} step" + ("s" if record["steps"] > 1 else "")
+    return (f"this adapter was distilled for {distilled} from a {record['teacher_steps']}-step teacher "
+            f"({record['teacher']}); steps={steps} runs it outside what it was trained for: set steps to "
+            f"{record['steps']}")
+
+
 def load_adapter(path, backbone: BackboneSignature = None):
     """(adapter module, text context [1, L, text_dim]) from a file; refuses a file made for another backbone. The
     module's `distilled` is the file's distillation record (None for an adapter that was not distilled)."""
