@@ -1,16 +1,19 @@
 """Adapters for a MODEL: a fresh one, one from a file or from the Attach/Train nodes' choice, and attaching it with
 its text context. The nodes and the headless tools build their adapters here."""
+import logging
+
 import torch
 
 import folder_paths
 
-from .backbone import attach_adapter, backbone_signature
+from .backbone import attach_adapter, backbone_signature, find_attachment
 from .core.adapter import AdapterConfig, StateAwareAdapter
-from .core.adapter_file import load_adapter
+from .core.adapter_file import distilled_steps_warning, load_adapter
 from .core.geometry import TEXT_TOKENS
 from .extension_paths import ADAPTER_FOLDER
 
 NEW_ADAPTER = "new (zero-init)"
+log = logging.getLogger("LiteVSR")
 
 
 def new_adapter(signature, mode, rank, seed=0):
@@ -49,3 +52,11 @@ def with_adapter(model, module, context):
     if context is None:
         context = empty_context(backbone_signature(model))
     return attach_adapter(model, module, context)
+
+
+def check_distilled_steps(model, steps):
+    """Logs one warning when the adapter attached to `model` was distilled for another number of steps."""
+    attachment = find_attachment(model)
+    message = attachment and distilled_steps_warning(attachment.adapter_patcher.model.distilled, steps)
+    if message:
+        log.warning("LiteVSR: %s", message)

@@ -3,6 +3,7 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
+from .adapters import check_distilled_steps
 from .backbone import backbone_signature
 from .core.sampling import START_MODES, flow_sigmas, sample_vsr, video_noise
 from .latents import vsr_info
@@ -17,7 +18,8 @@ def sampling_inputs():
                      tooltip="Noise seed. The noise is drawn on the CPU and keyed by frame position, so a seed gives "
                              "the same result on any device and however the video is chunked."),
         io.Int.Input("steps", default=1, min=1, max=50,
-                     tooltip="Euler steps. LiteVSR works down to one step; more steps refine the estimate."),
+                     tooltip="Euler steps. LiteVSR works down to one step; more steps refine the estimate. A "
+                             "distilled adapter is made for 1 step (the run warns at any other count)."),
         io.Float.Input("shift", default=5.0, min=1.0, max=20.0, step=0.1,
                        tooltip="Flow time shift of the sigma schedule (Wan VSR models use about 5)."),
         io.Combo.Input("start", options=list(START_MODES), default="noise",
@@ -58,6 +60,7 @@ class LiteVSRSampler(io.ComfyNode):
                 tile_overlap=0) -> io.NodeOutput:
         vsr_info(latent)
         signature = backbone_signature(model)
+        check_distilled_steps(model, steps)
         encoded = latent["samples"]
         if encoded.shape[1] != signature.latent_channels:
             raise ValueError(

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .adapters import check_distilled_steps
 from .backbone import backbone_signature
 from .causal_stream import CausalUpscale
 from .core import oom
@@ -140,6 +141,7 @@ class StreamUpscale:
     def __init__(self, model, vae, reader, options, share=Share(), decoder=None, reference=None):
         check_vae(vae, model)
         self.causal = check_causal(model, reference, decoder, share)
+        check_distilled_steps(model, options.steps)
         self.reference = reference
         self.decoder = decoder or vae  # a faster decoder of the same latents, for decoding only
         check_decoder(self.decoder, vae.latent_channels)

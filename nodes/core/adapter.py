@@ -115,6 +115,8 @@ class Injection(nn.Module):
 
 
 class StateAwareAdapter(nn.Module):
+    distilled = None  # the distillation record of the file it was loaded from (core/adapter_file.py), if any
+
     def __init__(self, config: AdapterConfig):
         super().__init__()
         self.config = config

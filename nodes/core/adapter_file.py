@@ -14,6 +14,10 @@ FORMAT_NAME = "litevsr-adapter"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # safetensors itself refuses larger headers
 CONTEXT_KEY = "text_context"
+# A student distilled from a teacher adapter: its metadata value is JSON {"steps", "teacher", "teacher_sha256",
+# "teacher_steps"} (the steps it was distilled for; the teacher's file name, SHA-256 and steps).
+DISTILLED_KEY = "distilled"
+DISTILLED_FIELDS = {"steps": int, "teacher": str, "teacher_sha256": str, "teacher_steps": int}
 
 
 class AdapterFileError(ValueError):
@@ -65,14 +69,62 @@ def read_adapter_config(path):
     return config, metadata
 
 
+def distillation_metadata(steps, teacher_name, teacher_sha256, teacher_steps):
+    """The extra metadata (save_adapter's `extra_metadata`) that marks a student distilled from a teacher adapter."""
+    record = {"steps": steps, "teacher": teacher_name, "teacher_sha256": teacher_sha256, "teacher_steps": teacher_steps}
+    check_distillation(record, "the distillation record")
+    return {DISTILLED_KEY: json.dumps(record, sort_keys=True)}
+
+
+def check_distillation(record, name):
+    valid = isinstance(record, dict) and all(
+        type(record.get(field)) is kind and (record[field] > 0 if kind is int else record[field] != "")
+        for field, kind in DISTILLED_FIELDS.items())
+    if not valid:
+        raise AdapterFileError(f"{name} has an invalid '{DISTILLED_KEY}' record ({record!r}): it needs "
+                               "positive integer steps and teacher_steps and a teacher name and teacher_sha256; "
+                               "re-save it with the distillation that made it")
+
+
+def distillation_record(metadata, name):
+    """The distillation record of an adapter file's metadata, or None for an adapter that was not distilled."""
+    if DISTILLED_KEY not in metadata:
+        return None
+    try:
+        record = json.loads(metadata[DISTILLED_KEY])
+    except json.JSONDecodeError:
+        record = metadata[DISTILLED_KEY]
+    check_distillation(record, name)
+    return record
+
+
+def read_distillation(path):
+    """The distillation record ({"steps", "teacher", "teacher_sha256", "teacher_steps"}) of an adapter file, or
+    None; read from the header only."""
+    return distillation_record(read_header(path).get("__metadata__") or {}, os.path.basename(path))
+
+
+def distilled_steps_warning(record, steps):
+    """The one line to log when an adapter distilled for `record["steps"]` is sampled with `steps`, else None."""
+    if record is None or steps == record["steps"]:
+        return None
+    distilled = f"{record['steps']} step" + ("s" if record["steps"] > 1 else "")
+    return (f"this adapter was distilled for {distilled} from a {record['teacher_steps']}-step teacher "
+            f"({record['teacher']}); steps={steps} runs it outside what it was trained for: set steps to "
+            f"{record['steps']}")
+
+
 def load_adapter(path, backbone: BackboneSignature = None):
-    """(adapter module, text context [1, L, text_dim]) from a file; refuses a file made for another backbone."""
+    """(adapter module, text context [1, L, text_dim]) from a file; refuses a file made for another backbone. The
+    module's `distilled` is the file's distillation record (None for an adapter that was not distilled)."""
     config, metadata = read_adapter_config(path)
+    distilled = distillation_record(metadata, os.path.basename(path))
     if backbone is not None:
         check_backbone(config, backbone, os.path.basename(path))
     tensors = load_file(path)
     context = tensors.pop(CONTEXT_KEY, None)
     adapter = StateAwareAdapter(config)
+    adapter.distilled = distilled
     missing, unexpected = adapter.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise AdapterFileError(f"{os.path.basename(path)} does not match its own config: missing {missing[:4]}, "
