@@ -97,7 +97,7 @@ class DistillObjective:
     teacher: object  # StateAwareAdapter
     teacher_context: object  # [1, L, text_dim] or None (the run's context)
     config: DistillConfig
-    teacher_path: str = None  # recorded in the student's metadata
+    teacher_path: str = None  # the teacher's file, recorded in the student's metadata (student_metadata)
 
     def bind(self, run):
         """(core Distillation, patchers to keep loaded) on `run` (training_run.BoundRun)."""
@@ -116,6 +116,5 @@ class DistillObjective:
 
     def student_metadata(self):
         """The student file's record: one-step distilled, from which teacher (name and SHA-256) at how many steps."""
-        name = os.path.basename(self.teacher_path) if self.teacher_path else "unsaved"
-        digest = sha256_of(self.teacher_path) if self.teacher_path else ""
-        return distillation_metadata(1, name, digest, self.config.teacher_steps)
+        return distillation_metadata(1, os.path.basename(self.teacher_path), sha256_of(self.teacher_path),
+                                     self.config.teacher_steps)

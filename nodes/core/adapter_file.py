@@ -183,9 +183,3 @@ def trim_context(context):
 
 def pad_context(context, length):
     return torch.nn.functional.pad(context, (0, 0, 0, length - context.shape[1])) if context.shape[1] < length else context
-
-
-def distillation_metadata(steps, teacher_name, teacher_sha256, teacher_steps):
-    """The metadata a distilled student is saved with (extra_metadata of save_adapter)."""
-    return {"distilled": json.dumps({"steps": steps, "teacher": teacher_name, "teacher_sha256": teacher_sha256,
-                                     "teacher_steps": teacher_steps}, sort_keys=True)}
