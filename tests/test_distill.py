@@ -16,6 +16,7 @@ from comfyui_litevsr.nodes.core.distill import (DistillConfig, Distillation, Dua
                                                  step_calls)
 from comfyui_litevsr.nodes.core.training import AdapterTrainer, TrainConfig, TrainingSample
 from comfyui_litevsr.nodes.distillation import DistillObjective, pixel_decoder
+from comfyui_litevsr.nodes.training_mode import comfy_training_mode
 from comfyui_litevsr.nodes.training_run import RunSettings, train_adapter
 
 from test_training import SCALE, clip_folders, datasets, fresh, models, tensor_digest  # noqa: F401 (fixtures)
@@ -95,7 +96,7 @@ def test_zero_adversarial_weight_is_the_plain_trainer_fed_the_teachers_targets(m
     def plain_regression(denoise, hr_latent, lr_latent, noise, sigma, config):
         return latent_mse(one_step(denoise, lr_latent, noise, distill.teacher_shift), hr_latent)
 
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():  # as train_adapter runs
         distilled_losses, distilled = train(lambda d: d, lambda d: RandomLatents())
         plain_losses, plain = train(lambda d: plain_regression, lambda d: TeacherTargets(RandomLatents(), d))
     assert distilled_losses == plain_losses  # bit for bit, every step
