@@ -73,6 +73,16 @@ class AdapterWrapper:
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
 
 
+def checkpointed(block):
+    """A block call recomputed in backward instead of keeping its activations (training of the frozen blocks)."""
+    return lambda block_args: torch.utils.checkpoint.checkpoint(block, block_args, use_reentrant=False)
+
+
+def per_sample_sigmas(sigma, batch, device):
+    """sigma (a number or one value per sample) as the [batch] float32 tensor a direct apply_model call takes."""
+    return torch.as_tensor(sigma, dtype=torch.float32).to(device).reshape(-1).expand(batch)
+
+
 class BlockPatch:
     """Replaces Wan block i: runs the frozen block, then adds the adapter's zero-initialised injection."""
 
@@ -87,7 +97,7 @@ class BlockPatch:
         adapter = state["adapter"]
         block = extra["original_block"]
         if state["checkpoint"]:  # training: recompute the frozen block in backward instead of keeping activations
-            block = lambda block_args, run=block: torch.utils.checkpoint.checkpoint(run, block_args, use_reentrant=False)
+            block = checkpointed(block)
         if adapter.config.mode == "direct":
             out = block(args)
             return {"img": out["img"] + adapter.inject(self.index, state["features"]).to(out["img"].dtype)}
@@ -153,7 +163,7 @@ def make_denoiser(model, context=None, gradient_checkpointing=False):
 
     def denoise(x, sigma, lr_latent, estimate):
         batch = x.shape[0]
-        sigmas = torch.as_tensor(sigma, dtype=torch.float32).to(device).reshape(-1).expand(batch)
+        sigmas = per_sample_sigmas(sigma, batch, device)
         call_options = dict(options, sigmas=sigmas)
         return model.model.apply_model(x.to(device), sigmas, c_crossattn=text.expand(batch, -1, -1),
                                        transformer_options=call_options, vsr_lr=lr_latent.to(device),

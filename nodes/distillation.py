@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 from einops import rearrange
 
-from .backbone import attach_adapter, backbone_signature, direct_call_options, make_denoiser
+from .backbone import (attach_adapter, backbone_signature, checkpointed, direct_call_options, make_denoiser,
+                       per_sample_sigmas)
 from .core.adapter_file import distillation_metadata
 from .core.distill import DistillConfig, Distillation, new_discriminators
 from .model_files import sha256_of
@@ -35,7 +35,7 @@ class TrunkBlock:
 
     def __call__(self, args, extra):
         block = extra["original_block"]
-        out = torch.utils.checkpoint.checkpoint(block, args, use_reentrant=False) if self.checkpoint else block(args)
+        out = (checkpointed(block) if self.checkpoint else block)(args)
         if self.last:
             raise _TrunkOutput(out["img"])
         return out
@@ -55,7 +55,7 @@ def feature_trunk(backbone, context, blocks, checkpoint=False):
 
     def trunk(latent, sigma):
         batch = latent.shape[0]
-        sigmas = torch.as_tensor(sigma, dtype=torch.float32).to(device).reshape(-1).expand(batch)
+        sigmas = per_sample_sigmas(sigma, batch, device)
         try:
             backbone.model.apply_model(latent.to(device), sigmas, c_crossattn=text.expand(batch, -1, -1),
                                        transformer_options=dict(options, sigmas=sigmas))

@@ -30,6 +30,7 @@ from torch import nn
 
 from .memory import dit_step_bytes, dit_step_flops, dit_tokens, dit_weight_bytes
 from .sampling import flow_sigmas, sample_vsr
+from .training import load_optimizer_state, optimizer_state_tensors
 
 ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
 REAL_TARGETS = ("teacher", "hr")
@@ -230,7 +231,7 @@ class Distillation:
                                            betas=(0.0, 0.99), weight_decay=0.0) if len(discriminators) else None
         self.scaler = None  # made by the first update, for the trainer's device and precision
         self.loss_scale = None  # a resumed fp16 run's scale, given to that scaler
-        self.pending = []  # (real, fake, sigma_d) of this optimizer step's forward passes, for the discriminators
+        self.pending = []  # (real, fake inputs, noise, sigma_d, loss parts) of this step's forward passes
         self.history = {}  # name -> [value per optimizer step]
 
     def teacher_output(self, lr_latent, noise):
@@ -255,14 +256,16 @@ class Distillation:
         loss = regression(student, target, hr_latent, self.config)
         parts = {"regression": loss.detach()}
         sigma_d = self.discriminator_sigma(sigma)
+        fake_inputs = {}  # what each discriminator saw of the fake: its update reuses it (the trunk is frozen)
         for name, discriminator in self.discriminators.items():
             discriminator.requires_grad_(False)  # the generator's pass trains the adapter only
-            logits = discriminator(self.discriminator_input(name, student, noise, sigma_d))
-            adversarial = generator_loss(logits, self.config.adversarial_loss)
+            fake_in = self.discriminator_input(name, student, noise, sigma_d)
+            fake_inputs[name] = fake_in.detach()
+            adversarial = generator_loss(discriminator(fake_in), self.config.adversarial_loss)
             parts[f"{name}_generator"] = adversarial.detach()
             loss = loss + self.config.weight(name) * adversarial
         real = target if self.config.real == "teacher" else hr_latent.float()
-        self.pending.append((real, student.detach(), noise, sigma_d, parts))
+        self.pending.append((real, fake_inputs, noise, sigma_d, parts))
         return loss
 
     def validation(self, denoise, hr_latent, lr_latent, noise, sigma, config):
@@ -283,10 +286,10 @@ class Distillation:
                     self.scaler.update(float(self.loss_scale))
             self.discriminators.requires_grad_(True)
             self.optimizer.zero_grad(set_to_none=False)
-            for real, fake, noise, sigma_d, _ in pending:
+            for real, fake_inputs, noise, sigma_d, _ in pending:
                 with torch.autocast(trainer.device.type, dtype=trainer.autocast_dtype,
                                     enabled=trainer.autocast_dtype is not None):
-                    losses = self._discriminator_losses(real, fake, noise, sigma_d)
+                    losses = self._discriminator_losses(real, fake_inputs, noise, sigma_d)
                 self.scaler.scale(sum(losses.values()).sum() / count).backward()
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0) + value.detach().double().sum()
@@ -309,14 +312,14 @@ class Distillation:
             self.history.setdefault(name, []).append(value)
         return result
 
-    def _discriminator_losses(self, real, fake, noise, sigma_d):
+    def _discriminator_losses(self, real, fake_inputs, noise, sigma_d):
         losses = {}
         for name, discriminator in self.discriminators.items():
             with torch.no_grad():
-                real_in, fake_in = (self.discriminator_input(name, z, noise, sigma_d) for z in (real, fake))
+                real_in = self.discriminator_input(name, real, noise, sigma_d)
             real_in.requires_grad_(self.config.r1_weight > 0)
             real_logits = discriminator(real_in)
-            loss = discriminator_loss(real_logits, discriminator(fake_in), self.config.adversarial_loss)
+            loss = discriminator_loss(real_logits, discriminator(fake_inputs[name]), self.config.adversarial_loss)
             if self.config.r1_weight > 0:
                 loss = loss + self.config.r1_weight / 2 * r1_penalty(real_logits, real_in)
             losses[f"{name}_discriminator"] = loss
@@ -327,9 +330,7 @@ class Distillation:
         tensors = {f"discriminator.{name}": value.detach().cpu().clone()
                    for name, value in self.discriminators.state_dict().items()}
         if self.optimizer is not None:
-            for index, slots in self.optimizer.state_dict()["state"].items():
-                for name, value in slots.items():
-                    tensors[f"discriminator_optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().clone()
+            tensors.update(optimizer_state_tensors(self.optimizer, "discriminator_optimizer"))
         for name, values in self.history.items():
             tensors[f"history.{name}"] = torch.tensor(values, dtype=torch.float64)
         return tensors
@@ -342,12 +343,7 @@ class Distillation:
         self.discriminators.load_state_dict({key.split(".", 1)[1]: value for key, value in tensors.items()
                                              if key.startswith("discriminator.")})
         if self.optimizer is not None:
-            state = {}
-            for key, value in tensors.items():
-                if key.startswith("discriminator_optimizer."):
-                    _, index, name = key.split(".", 2)
-                    state.setdefault(int(index), {})[name] = value
-            self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+            load_optimizer_state(self.optimizer, tensors, "discriminator_optimizer")
         self.history = {key.split(".", 1)[1]: [float(v) for v in value] for key, value in tensors.items()
                         if key.startswith("history.")}
         self.loss_scale = metadata.get("loss_scale")
@@ -362,10 +358,10 @@ def _merge(parts):
 # --- what a step costs (estimates from the planner's formulas, core/memory.py) -----------------------------------
 
 def step_calls(config):
-    """Model calls per sample of one step: teacher and student DiT forwards, and feature-trunk forwards (the
-    generator's fake, the discriminator's real and fake); the student's and the generator's trunk call are also
-    differentiated."""
-    return {"teacher": config.teacher_steps, "student": 1, "trunk": 3 if config.feature_weight > 0 else 0}
+    """Model calls per sample of one step: teacher and student DiT forwards, and feature-trunk forwards (the fake in
+    the generator's pass, reused by the discriminator's update, and the real); the student's and the generator's
+    trunk call are also differentiated."""
+    return {"teacher": config.teacher_steps, "student": 1, "trunk": 2 if config.feature_weight > 0 else 0}
 
 
 ADAPTER_BYTES_PER_PARAMETER = 20  # float32 student weights, gradient, AdamW's two moments, and the teacher's weights
@@ -376,9 +372,9 @@ def step_estimate(signature, config, latent_frames, latent_h, latent_w, adapter_
     """(DiT matmul FLOPs, device bytes) of one step on one clip: the calls of `step_calls` at memory.dit_step_flops
     each, a backward counted as two forwards (three with gradient checkpointing's recompute), the trunk as its
     share of the blocks; bytes = DiT weights + one call's activation peak + the block inputs kept for backward
-    (all of each block's activations without checkpointing) + the adapters' training state. The decoder and the heads are left out: the pixel
-    discriminator decodes a small crop. `geometry`: memory.py's options (ffn_dim, ...). An estimate, not a
-    measurement."""
+    (all of each block's activations without checkpointing) + the adapters' training state. The decoder and the
+    heads are left out: the pixel discriminator decodes a small crop. `geometry`: memory.py's options (ffn_dim,
+    ...). An estimate, not a measurement."""
     calls = step_calls(config)
     adapted = dit_step_flops(signature, latent_frames, latent_h, latent_w, adapter_mode="direct",
                              ffn_dim=geometry.get("ffn_dim"))
@@ -386,7 +382,9 @@ def step_estimate(signature, config, latent_frames, latent_h, latent_w, adapter_
     trunk = dit_step_flops(signature, latent_frames, latent_h, latent_w, ffn_dim=geometry.get("ffn_dim")) \
         * blocks / signature.num_layers
     backward = 3 if gradient_checkpointing else 2
-    flops = (calls["teacher"] + 1 + backward) * adapted + (calls["trunk"] + (backward if calls["trunk"] else 0)) * trunk
+    differentiated_trunk = 1 if calls["trunk"] else 0  # the generator's pass through the trunk
+    flops = (calls["teacher"] + calls["student"] * (1 + backward)) * adapted \
+        + (calls["trunk"] + differentiated_trunk * backward) * trunk
     peak = dit_step_bytes(signature, latent_frames, latent_h, latent_w, dtype_bytes, **geometry)
     kept_per_block = dit_tokens(signature, latent_frames, latent_h, latent_w) * signature.dim * dtype_bytes
     kept = kept_per_block * signature.num_layers if gradient_checkpointing else peak * signature.num_layers

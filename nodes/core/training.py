@@ -211,6 +211,25 @@ class World:
                 offset += t.numel()
 
 
+def optimizer_state_tensors(optimizer, prefix):
+    """An optimizer's per-parameter state as plain tensors `<prefix>.<index>.<slot>` (for a safetensors sidecar)."""
+    return {f"{prefix}.{index}.{name}": torch.as_tensor(value).detach().cpu().clone()
+            for index, slots in optimizer.state_dict()["state"].items() for name, value in slots.items()}
+
+
+def load_optimizer_state(optimizer, tensors, prefix, param_groups=None):
+    """Restores what optimizer_state_tensors wrote; `param_groups`: saved group settings (default: the current)."""
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith(f"{prefix}."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    groups = optimizer.state_dict()["param_groups"]
+    for group, saved in zip(groups, param_groups or []):
+        group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 class AdapterTrainer:
     """AdamW on the adapter's parameters; one `step()` is one optimizer step over the global batch of `objective`.
     Sigma reaches the objective on the CPU, the latents on the device."""
@@ -267,11 +286,7 @@ class AdapterTrainer:
 
     # -- state for checkpoints: plain tensors and JSON-able values, never pickled objects
     def state_tensors(self):
-        tensors = {}
-        state = self.optimizer.state_dict()["state"]
-        for index, slots in state.items():
-            for name, value in slots.items():
-                tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().clone()
+        tensors = optimizer_state_tensors(self.optimizer, "optimizer")
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         if hasattr(self.objective, "state_tensors"):
             tensors.update({f"objective.{name}": value for name, value in self.objective.state_tensors().items()})
@@ -286,15 +301,7 @@ class AdapterTrainer:
         return metadata
 
     def load_state(self, tensors, metadata):
-        state = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        groups = self.optimizer.state_dict()["param_groups"]
-        for group, saved in zip(groups, metadata["param_groups"]):
-            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        load_optimizer_state(self.optimizer, tensors, "optimizer", metadata["param_groups"])
         if metadata.get("loss_scale") and self.scaler.is_enabled():
             self.scaler.update(float(metadata["loss_scale"]))
         self.step_count = int(metadata["step"])
