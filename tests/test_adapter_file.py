@@ -1,4 +1,5 @@
 """Adapter files: exact round trip, and every broken or foreign file refused before anything is deserialised."""
+import json
 import pickle
 import re
 import struct
@@ -8,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter
+from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter, remember
 from comfyui_litevsr.nodes.core.adapter_file import (FORMAT_VERSION, AdapterFileError, check_backbone, load_adapter,
                                                      read_header, save_adapter)
 from comfyui_litevsr.nodes.core.geometry import BackboneSignature
@@ -39,12 +40,53 @@ def no_torch_load(monkeypatch):
 def test_round_trip_is_exact(saved):
     path, adapter, context = saved
     loaded, loaded_context = load_adapter(path, SIG)
-    assert loaded.config == adapter.config
+    assert loaded.config == adapter.config and loaded.config.memory
+    assert any(name.startswith("memory.") for name in read_header(path))  # the memory's weights travel too
     for (name, a), (_, b) in zip(adapter.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.equal(loaded_context, context)
     assert path.stat().st_size < 2 * 4096 * 4 * 8 + sum(t.numel() * 4 for t in adapter.state_dict().values()) + 65536
     assert not list(path.parent.glob(".litevsr-*"))  # no temporary left behind
+
+
+def test_trained_memory_round_trips(tmp_path):
+    adapter = StateAwareAdapter(AdapterConfig(SIG, window=(1, 4, 4)))
+    with torch.no_grad():
+        for out in adapter.memory.out:  # as after training: the memory moves the features
+            out.weight.normal_(std=0.02)
+    save_adapter(tmp_path / "m.safetensors", adapter)
+    loaded, _ = load_adapter(tmp_path / "m.safetensors", SIG)
+    z = torch.randn(1, 16, 2, 8, 8)
+    memory = remember(None, torch.randn(1, 16, 5, 8, 8))
+    t = torch.tensor([400.0])
+    with torch.no_grad():
+        expected = adapter.features(z, z, t, memory)
+        assert torch.equal(loaded.features(z, z, t, memory), expected)
+        assert not torch.equal(loaded.features(z, z, t), expected)
+
+
+def test_file_from_before_the_memory_loads_as_before(tmp_path):
+    """A version-1 file (its config has no `memory`, its tensors no memory weights) loads with the memory off and
+    computes the features it computed before."""
+    torch.manual_seed(0)
+    old = StateAwareAdapter(AdapterConfig(SIG, mode="shared_blocks", rank=4, memory=False))
+    path = tmp_path / "old.safetensors"
+    save_adapter(path, old)
+    metadata = read_header(path)["__metadata__"]
+    config = json.loads(metadata["config"])
+    del config["memory"]
+    from safetensors.torch import load_file
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "format_version": "1",
+                                                         "config": json.dumps(config, sort_keys=True)})
+    loaded, _ = load_adapter(path, SIG)
+    assert not loaded.config.memory and loaded.memory is None
+    torch.manual_seed(0)  # today's adapter from the same seed: equal weights but for the memory's, built last
+    today = StateAwareAdapter(AdapterConfig(SIG, mode="shared_blocks", rank=4))
+    z, t = torch.randn(1, 16, 2, 8, 8), torch.tensor([400.0])
+    with torch.no_grad():
+        expected = old.features(z, z, t)
+        assert torch.equal(loaded.features(z, z, t), expected)
+        assert torch.equal(today.features(z, z, t), expected)
 
 
 @pytest.mark.matrix("Models", "adapter from another backbone")

@@ -11,7 +11,9 @@ from .adapter import AdapterConfig, StateAwareAdapter
 from .geometry import BackboneSignature
 
 FORMAT_NAME = "litevsr-adapter"
-FORMAT_VERSION = 1
+# 2: the config records `memory` (the adapter's memory of earlier chunks, with its weights). A reader of version 1
+# would take such a file for a broken one; version-1 files load here with memory False, exactly as before.
+FORMAT_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # safetensors itself refuses larger headers
 CONTEXT_KEY = "text_context"
 # A student distilled from a teacher adapter: its metadata value is JSON {"steps", "teacher", "teacher_sha256",
