@@ -19,6 +19,9 @@ see a section under deliberate interference (its results must go to another --ou
 Sections
   adapter_overhead  step time of direct / shared_blocks injection over the bare DiT's at Wan2.1-1.3B geometry
                     (and Wan2.2-5B where the host memory allows), and the adapter's share of the parameters
+  injection_modes   what direct and shared_blocks injection cost at the real Wan geometries (parameters, FLOPs and
+                    activations of a sampling and a training step, analytic), and their measured time ratio on a
+                    tiny stand-in (the default's grounds: README, "Which injection mode")
   decode            peak memory above baseline, time and max |diff| of the pack's tiled decode (4x4 tiles), an
                     untiled decode and ComfyUI's VAEDecodeTiled, width-8 VAE, 960x960 output; time and peak memory of
                     the full Wan2.1 VAE, the light VAE geometry and the tiny TAEHV decoder, 17 frames at 832x480; the
@@ -42,7 +45,7 @@ from bench.decode import DECODERS_FRAMES, DECODERS_OUTPUT, TILED_TIME_FRAMES, TI
 from bench.harness import (CONFIRM, REPO, SECTIONS, STABLE_SPREAD, busy_load, command_line, figures_of, git_commit,
                            machine, serve_worker)
 
-for _module in ("overhead", "decode", "stream", "e2e"):  # each registers its sections and workers
+for _module in ("overhead", "injection", "decode", "stream", "e2e"):  # each registers its sections and workers
     importlib.import_module(f"bench.{_module}")
 
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
@@ -197,6 +200,29 @@ def _overhead_rows(section):
     return rows
 
 
+def _injection_rows(section):
+    """The injection modes' costs at Wan2.1-1.3B (analytic) and the stand-in's measured ratio."""
+    costs = next(c for c in section["costs"] if c["release"] == section["headline"]["injection_modes"]["release"])
+    direct, shared = costs["modes"]["direct"], costs["modes"]["shared_blocks"]
+    stand_in, run = section["headline"]["injection_modes"]["stand_in"], section["stand_in"]
+    names = list(figures_of(stand_in))
+    frames, height, width = costs["sample_latent"]
+    (clip_frames, clip_w, clip_h), (train_frames, train_h, train_w) = costs["sample_clip"], costs["train_clip"]
+    return [("`injection_modes.step_flops`", f"{direct['step_vs_bare']:.2f}× / {shared['step_vs_bare']:.2f}×", "—",
+             "analytic", f"DiT FLOPs of one sampling step ÷ bare backbone (direct / shared_blocks), "
+             f"{costs['release']}, {frames}×{height}×{width} latent ({costs['sample_tokens']} tokens: 81 frames at "
+             f"832×480); training step (17 frames, 256×256): {shared['train_flops_vs_direct']:.2f}× the FLOPs and "
+             f"{shared['train_bytes_vs_direct']:.2f}× the activations of direct; memory.py's formulas"),
+            ("`injection_modes.params_share`",
+             f"{100 * direct['params_share']:.2f} % / {100 * shared['params_share']:.2f} %", "—", "exact",
+             f"trainable ÷ backbone parameters, full rank (rank 64: {100 * direct['params_low_rank_share']:.2f} % / "
+             f"{100 * shared['params_low_rank_share']:.2f} %), counted on the modules"),
+            ("`injection_modes.stand_in`", _values(stand_in, names, lambda v: f"{v:.2f}×"), *_trust(stand_in, names),
+             f"shared_blocks ÷ direct time (fastest repeat), {' / '.join(names)} step, tiny float32 stand-in "
+             f"({run['tokens']} tokens); FLOPs predict {run['predicted_ratio']['forward']:.2f}× / "
+             f"{run['predicted_ratio']['train']:.2f}×")]
+
+
 def _decode_rows(d):
     head = d["headline"]["decode"]
     seconds = head.get("seconds") or d["median_seconds"]
@@ -302,7 +328,8 @@ def readme_table(results):
     """The README's performance table: every headline figure, its spread and verdict, what it measures, and the
     commit it was measured at."""
     sections = results["sections"]
-    row_makers = {"adapter_overhead": _overhead_rows, "decode": _decode_rows, "stream": _stream_rows,
+    row_makers = {"adapter_overhead": _overhead_rows, "injection_modes": _injection_rows, "decode": _decode_rows,
+                  "stream": _stream_rows,
                   "stream_infvsr": lambda s: _stream_rows(s, "stream_infvsr", " of InfVSR's causal stream"),
                   "e2e": _e2e_rows, "gpu": _gpu_rows}
     m = results["machine"]

@@ -414,3 +414,37 @@ def test_weight_count_is_exact(family, ffn):
 
     state = tiny_models.tiny_wan_dit_state_dict(dim=256, num_layers=2, family=family, ffn_dim=ffn)
     assert overhead.weight_count(family, 256, 2, ffn) == sum(v.numel() for v in state.values())
+
+
+def test_injection_mode_costs_come_from_the_modules_and_the_planner():
+    # the figures behind the default injection mode (README, "Which injection mode"): parameters counted on the
+    # meta-device module equal a real module's; shared_blocks adds exactly condition_in; the FLOP ratios are the
+    # planner's formula at the stated geometry
+    import torch
+
+    from bench import injection
+    from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter, trainable_parameters
+    from comfyui_litevsr.nodes.core.backbones import WAN21
+    from comfyui_litevsr.nodes.core.memory import dit_step_flops
+
+    tiny = WAN21.signature(dim=256, num_layers=2, num_heads=2)
+    for mode in injection.MODES:
+        for rank in (0, 16):
+            built = trainable_parameters(StateAwareAdapter(AdapterConfig(tiny, mode=mode, rank=rank)))
+            assert injection.adapter_parameters(tiny, mode, rank) == built
+    costs = injection.mode_costs("wan2.1-t2v-1.3b")
+    direct, shared = costs["modes"]["direct"], costs["modes"]["shared_blocks"]
+    assert shared["params"] - direct["params"] == 1536 * 1536 + 1536  # condition_in, width 1536 -> dim 1536
+    assert costs["sample_latent"] == [21, 60, 104] and costs["sample_tokens"] == 21 * 30 * 52
+    bare = dit_step_flops(WAN21.signature(1536, 30, 12), 21, 60, 104, ffn_dim=8960)
+    assert shared["step_flops"] / bare == pytest.approx(shared["step_vs_bare"]) and 1.9 < shared["step_vs_bare"] < 2.1
+    assert direct["step_vs_bare"] < 1.1 and 1.8 < shared["train_flops_vs_direct"] < 2.0
+    assert shared["train_bytes_vs_direct"] > 1.3 and shared["step_bytes"] >= direct["step_bytes"]
+    assert 0 < shared["params_share"] - direct["params_share"] < 0.005  # the budget does not choose the mode
+    # the README's paragraph prints these numbers
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Which injection mode"):text.index("## Long videos")]
+    for figure in (f"{100 * direct['params_share']:.2f} %", f"{100 * shared['params_low_rank_share']:.2f} %",
+                   f"{direct['step_vs_bare']:.2f}×", f"{shared['step_vs_bare']:.2f}×",
+                   f"{shared['train_flops_vs_direct']:.2f}× / {shared['train_bytes_vs_direct']:.2f}×"):
+        assert figure in section, figure
