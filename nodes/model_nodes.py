@@ -33,7 +33,7 @@ def context_inputs(overrides, stored=""):
                                       f"for video super-resolution: no prompt is needed.{stored}"),
         io.Clip.Input("text_encoder", optional=True,
                       tooltip="Wan's umt5_xxl from 'Load CLIP' (type wan). Connected: the context is its "
-                              "empty-prompt embedding, what the frozen DiT saw for 'no prompt' in training. "
+                              "empty-prompt embedding, the umt5 input the frozen DiT knows for 'no prompt'. "
                               f"Unconnected: the context stored in the adapter file, else an all-zero context "
                               f"(only right for stand-in test models; a warning says so).{stored}"),
     ]
