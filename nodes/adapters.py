@@ -1,5 +1,6 @@
 """Adapters for a MODEL: a fresh one, one from a file or from the Attach/Train nodes' choice, and attaching it with
-its text context. The nodes and the headless tools build their adapters here."""
+its text context (text_context: the one place that chooses it). The nodes and the headless tools build their
+adapters here."""
 import logging
 
 import torch
@@ -42,16 +43,50 @@ def adapter_from_choice(signature, adapter, injection, rank, seed=0):
     return adapter_from_file(signature, path, injection, rank, seed)
 
 
-def empty_context(signature):
-    """The text context used when neither a text encoder nor the adapter file gives one: all zeros."""
+ZERO_CONTEXT_WARNING = (
+    "LiteVSR: the text context is all zeros (no conditioning or text encoder connected, and the adapter file stores "
+    "none, or zeros): the frozen cross-attention never saw that in training. Connect Wan's text encoder (umt5, "
+    "'Load CLIP' with type wan) to the Attach, Train or Distil node, or pass --text-encoder to the tools; the zero "
+    "context is only right for stand-in test models.")
+
+
+def zero_context(signature):
+    """All zeros [1, TEXT_TOKENS, text_dim]: the context of last resort (stand-in test models have no encoder)."""
     return torch.zeros(1, TEXT_TOKENS, signature.text_dim)
 
 
-def with_adapter(model, module, context):
-    """A clone of `model` with `module` attached; no text `context` means `empty_context` (no text encoder)."""
-    if context is None:
-        context = empty_context(backbone_signature(model))
-    return attach_adapter(model, module, context)
+def empty_prompt_context(text_encoder):
+    """What `text_encoder` (a CLIP) makes of the empty prompt, as CLIPTextEncode encodes "": [1, L, width]."""
+    return text_encoder.encode_from_tokens(text_encoder.tokenize(""))
+
+
+def text_context(signature, conditioning=None, text_encoder=None, stored=None):
+    """The DiT's cross-attention context, the first there is of: `conditioning` (a CONDITIONING), the empty-prompt
+    embedding of `text_encoder` (a CLIP: Wan's umt5), the context `stored` in the adapter file, the zero context.
+    The frozen cross-attention was trained on umt5 embeddings, where "no prompt" is the empty prompt's embedding:
+    an all-zero context, whatever its source, is logged as a warning every time."""
+    if conditioning is not None:
+        context, source = conditioning[0][0], "the conditioning"
+    elif text_encoder is not None:
+        context, source = empty_prompt_context(text_encoder), "the text encoder"
+    elif stored is not None:
+        context, source = stored, "the adapter file's stored context"
+    else:
+        context, source = zero_context(signature), "the zero context"
+    if context.ndim != 3 or context.shape[-1] != signature.text_dim:
+        raise ValueError(f"{source} gives a text context of shape {list(context.shape)}, but the {signature.family} "
+                         f"DiT reads {signature.text_dim}-wide umt5 embeddings: use Wan's umt5_xxl text encoder "
+                         "('Load CLIP' with type wan).")
+    if not context.any():
+        log.warning(ZERO_CONTEXT_WARNING)
+    return context
+
+
+def with_adapter(model, module, stored=None, conditioning=None, text_encoder=None):
+    """A clone of `model` with `module` attached, its text context chosen by `text_context` (`stored`: the context
+    of the adapter's file)."""
+    signature = backbone_signature(model)
+    return attach_adapter(model, module, text_context(signature, conditioning, text_encoder, stored))
 
 
 def check_distilled_steps(model, steps):

@@ -26,6 +26,22 @@ def adapter_choice_inputs(adapter_tooltip):
     ]
 
 
+def context_inputs(overrides, stored=""):
+    """The optional text-context inputs, last on Attach, Train and Distil (adapters.text_context picks among them):
+    a CONDITIONING (`overrides`: what it takes precedence over) and Wan's text encoder; `stored` ends both
+    tooltips (training: where the context goes)."""
+    return [
+        io.Conditioning.Input("conditioning", optional=True,
+                              tooltip=f"Optional text conditioning (umt5), overriding {overrides}. Leave empty "
+                                      f"for video super-resolution: no prompt is needed.{stored}"),
+        io.Clip.Input("text_encoder", optional=True,
+                      tooltip="Wan's umt5_xxl from 'Load CLIP' (type wan). Connected: the context is its "
+                              "empty-prompt embedding, the umt5 input the frozen DiT knows for 'no prompt'. "
+                              f"Unconnected: the context stored in the adapter file, else an all-zero context "
+                              f"(only right for stand-in test models; a warning says so).{stored}"),
+    ]
+
+
 class LiteVSRAttachAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -40,16 +56,12 @@ class LiteVSRAttachAdapter(io.ComfyNode):
                 io.Model.Input("model", tooltip="The Wan DiT from the stock 'Load Diffusion Model' node."),
                 *adapter_choice_inputs("An adapter file from models/litevsr, or a fresh zero-initialised adapter "
                                        "(output then equals the bare backbone's; the starting point for training)."),
-                io.Conditioning.Input("conditioning", optional=True,
-                                      tooltip="Optional text conditioning (umt5) overriding the context stored in "
-                                              "the adapter file. Leave empty: no text encoder is needed."),
+                *context_inputs("the text encoder and the context stored in the adapter file"),
             ],
             outputs=[io.Model.Output(tooltip="The backbone with the adapter attached, for 'LiteVSR Sampler'.")],
         )
 
     @classmethod
-    def execute(cls, model, adapter, injection, rank, conditioning=None) -> io.NodeOutput:
-        module, context = adapter_from_choice(backbone_signature(model), adapter, injection, rank)
-        if conditioning is not None:
-            context = conditioning[0][0]
-        return io.NodeOutput(with_adapter(model, module, context))
+    def execute(cls, model, adapter, injection, rank, conditioning=None, text_encoder=None) -> io.NodeOutput:
+        module, stored = adapter_from_choice(backbone_signature(model), adapter, injection, rank)
+        return io.NodeOutput(with_adapter(model, module, stored, conditioning, text_encoder))

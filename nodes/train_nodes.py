@@ -11,7 +11,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from .adapters import adapter_from_choice
+from .adapters import adapter_from_choice, text_context
 from .backbone import backbone_signature
 from .core.adapter_file import save_adapter
 from .core.dataset import VideoClipDataset
@@ -19,7 +19,7 @@ from .core.degrade import PRESETS, degrade_clip, with_overrides
 from .core.sampling import flow_sigmas, sample_vsr
 from .core.training import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, TrainConfig, velocity_loss
 from .extension_paths import ADAPTER_FOLDER, TRAINING_OUTPUT
-from .model_nodes import adapter_choice_inputs
+from .model_nodes import adapter_choice_inputs, context_inputs
 from .progress import Eta, send_progress
 from .training_run import PRECISIONS, Hooks, RunSettings, train_adapter
 
@@ -221,25 +221,22 @@ def training_inputs(start, objective):
         DATASET.Input("validation_dataset", optional=True,
                       tooltip="Held-out clips; without it validation clips come from the training "
                               "folder (a separate random stream)."),
-        io.Conditioning.Input("conditioning", optional=True,
-                              tooltip="Optional text conditioning, stored in the adapter file; empty: the "
-                                      "context of the file the adapter starts from, else a zero context (no "
-                                      "text encoder needed)."),
+        *context_inputs("the text encoder and the context of the file the adapter starts from",
+                        " The context trained with is stored in the trained adapter's file."),
     ]
 
 
 def run_training(node_id, model, vae, dataset, degradation, start, run_name, checkpoint_every, resume,
                  validation_every, gradient_checkpointing, precision, validation_dataset=None, conditioning=None,
-                 objective=velocity_loss, run_metadata=None, **config):
+                 text_encoder=None, objective=velocity_loss, run_metadata=None, **config):
     """(TrainConfig, RunResult) of a training node's run with the pack's progress hooks: `start` = (adapter module,
-    its stored text context or None), `config` the TrainConfig fields the node sets, checkpoints in
-    output/litevsr_training/<run_name>/."""
+    its stored text context or None), the run's context chosen by adapters.text_context, `config` the TrainConfig
+    fields the node sets, checkpoints in output/litevsr_training/<run_name>/."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
         raise ValueError(f"run_name {run_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
     config = TrainConfig(**config)
-    adapter, context = start
-    if conditioning is not None:
-        context = conditioning[0][0]
+    adapter, stored = start
+    context = text_context(backbone_signature(model), conditioning, text_encoder, stored)
     settings = RunSettings(
         checkpoint_dir=os.path.join(folder_paths.get_output_directory(), TRAINING_OUTPUT, run_name),
         checkpoint_every=checkpoint_every, resume=resume, validation_every=validation_every,

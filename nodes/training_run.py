@@ -14,7 +14,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from .adapters import empty_context
+from .adapters import text_context
 from .backbone import attach_adapter, backbone_signature, make_denoiser
 from .core.adapter import StateAwareAdapter
 from .core.checkpoint import load_checkpoint, resume_step, save_checkpoint
@@ -148,7 +148,7 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
         check_clip_geometry(validation_dataset, scale, signature, role="validation")
     with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
         if context is None:
-            context = empty_context(signature)
+            context = text_context(signature)  # the zero context, with its warning
         adapter, context, resume_state = _starting_point(adapter, context.clone(), settings, signature,
                                                               config.steps)
         backbone = frozen_backbone(model)

@@ -81,6 +81,10 @@ def add_model_arguments(ap, demonstrates):
     ap.add_argument("--dit", help="Wan DiT file (as for ComfyUI's Load Diffusion Model)")
     ap.add_argument("--vae", help="Wan VAE file (as for ComfyUI's Load VAE)")
     ap.add_argument("--stand-ins", action="store_true", help=f"tiny random-weight models ({demonstrates})")
+    ap.add_argument("--text-encoder", metavar="FILE",
+                    help="Wan's umt5_xxl text encoder (as for ComfyUI's Load CLIP, type wan): the text context is "
+                         "its empty-prompt embedding; default: the context stored in the adapter file, else an "
+                         "all-zero one (only right for stand-ins)")
 
 
 def check_model_arguments(ap, args):
@@ -113,6 +117,13 @@ def load_models(dit_path, vae_path):
     import comfy.sd
 
     return comfy.sd.load_diffusion_model(str(dit_path)), load_vae(vae_path)
+
+
+def load_text_encoder(path):
+    """As ComfyUI's stock CLIPLoader loads a file with type wan; None without a path."""
+    import comfy.sd
+
+    return comfy.sd.load_clip([str(path)], clip_type=comfy.sd.CLIPType.WAN) if path else None
 
 
 def load_vae(path):

@@ -162,8 +162,78 @@ def make_parents(*paths):
 
 
 def zero_text_context():
-    """What an umt5 encoder returns with every padding token zeroed, for an empty prompt: no tiny umt5 exists."""
+    """The all-zero context [1, 512, 4096] (adapters.zero_context's), for attaching an adapter in tests directly."""
     return torch.zeros(1, TEXT_LEN, TEXT_DIM)
+
+
+# Wan's text encoder, umT5-XXL, at its width (4096: the context width the DiT reads) with 2 blocks of 2 heads of 8,
+# a 16-wide feed-forward and a 64-token vocabulary: 1 M parameters instead of 5.7 B. ComfyUI's SDClipModel merges
+# model_options["umt5xxl_model_config"] into the config it reads from umt5_config_xxl.json.
+TINY_UMT5 = {"num_layers": 2, "num_heads": 2, "d_kv": 8, "d_ff": 16, "vocab_size": 64}
+UMT5_CONFIG_OPTION = "umt5xxl_model_config"
+# umT5's special ids (pad 0, end 1, unk 2; no start token), which ComfyUI's UMT5XXlTokenizer relies on
+TINY_SPIECE_IDS = {"pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": -1}
+TINY_SPIECE_TEXT = ["a video of a cat walking on a wooden floor", "high quality, sharp details, natural colours",
+                    "the quick brown fox jumps over the lazy dog", "slow motion footage of waves at sunset"]
+
+
+def tiny_spiece_model():
+    """A SentencePiece model with umT5's special ids, trained (deterministically) on a few sentences: the bytes
+    ComfyUI's umT5 files carry as their `spiece_model` tensor."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TINY_SPIECE_TEXT), model_writer=model, vocab_size=TINY_UMT5["vocab_size"],
+        hard_vocab_limit=False, model_type="unigram", normalization_rule_name="identity", num_threads=1,
+        minloglevel=2, **TINY_SPIECE_IDS)
+    return model.getvalue()
+
+
+def tiny_umt5_state_dict(seed=0):
+    """A umT5-XXL file's state dict at TINY_UMT5's size: the real key names (encoder.block.N..., shared.weight),
+    fp16 as umt5_xxl_fp16.safetensors, with the tokenizer as `spiece_model` (uint8)."""
+    import json
+
+    import comfy.ops
+    import comfy.text_encoders.t5
+
+    with open(Path(comfy.text_encoders.t5.__file__).with_name("umt5_config_xxl.json")) as file:
+        config = {**json.load(file), **TINY_UMT5}
+    model = comfy.text_encoders.t5.T5(config, torch.float32, "cpu", comfy.ops.disable_weight_init)
+    init_(model, seed)
+    state = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    return {**state, "spiece_model": torch.frombuffer(bytearray(tiny_spiece_model()), dtype=torch.uint8)}
+
+
+def save_tiny_umt5(path, seed=0):
+    save_file(tiny_umt5_state_dict(seed), str(path))
+    return path
+
+
+def load_tiny_umt5(path):
+    """The stand-in's CLIP, as 'Load CLIP' (type wan) makes umt5_xxl's: ComfyUI's Wan text encoder and tokenizer
+    classes (comfy/text_encoders/wan.py), the file's weights and tokenizer. Built here rather than by
+    comfy.sd.load_clip, which sizes umT5-XXL from its JSON config and, from 0.33 on, recognises it only by its
+    10240-wide feed-forward."""
+    from types import SimpleNamespace
+
+    import comfy.sd
+    import comfy.text_encoders.wan
+    import comfy.utils
+
+    state = comfy.utils.load_torch_file(str(path), safe_load=True)
+    tokenizer_data = {"spiece_model": state.pop("spiece_model")}
+    target = SimpleNamespace(params={}, clip=comfy.text_encoders.wan.te(),
+                             tokenizer=comfy.text_encoders.wan.WanT5Tokenizer)
+    clip = comfy.sd.CLIP(target, tokenizer_data=tokenizer_data, parameters=comfy.utils.calculate_parameters(state),
+                         model_options={UMT5_CONFIG_OPTION: TINY_UMT5})
+    missing, unexpected = clip.load_sd(state)
+    if missing or unexpected:
+        raise ValueError(f"{path} is not a tiny umT5: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return clip
 
 
 def tiny_ltxv_state_dict(seed=0):

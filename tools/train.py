@@ -43,7 +43,7 @@ from pathlib import Path
 
 from tools import comfy_env, comfy_server
 from tools.headless import (Ranks, add_model_arguments, build_stand_ins, check_model_arguments, load_models,
-                            run_headless, stand_in_banner)
+                            load_text_encoder, run_headless, stand_in_banner)
 
 STAND_IN_BANNER = stand_in_banner("--stand-ins", "the training loop; the adapter fits those stand-ins, not a real Wan")
 CHECKPOINTS_SUFFIX = ".checkpoints"
@@ -251,18 +251,21 @@ def progress_hooks(ranks, every):
 
 
 def starting_point(model, args):
-    """(adapter, text context, objective): the adapter training starts from; for --teacher the teacher, which the
-    distillation objective also keeps frozen."""
-    from comfyui_litevsr.nodes.adapters import adapter_from_file
+    """(adapter, text context, objective): the adapter training starts from and the run's context
+    (adapters.text_context: --text-encoder, else the file's, else zeros); for --teacher the teacher, which the
+    distillation objective also keeps frozen, with its own stored context."""
+    from comfyui_litevsr.nodes.adapters import adapter_from_file, text_context
     from comfyui_litevsr.nodes.backbone import backbone_signature
     from comfyui_litevsr.nodes.core.training import velocity_loss
     from comfyui_litevsr.nodes.distillation import DistillObjective
 
     start = args.teacher or args.init_adapter
-    adapter, context = adapter_from_file(backbone_signature(model), start, args.injection, args.adapter_rank, args.seed)
+    signature = backbone_signature(model)
+    adapter, stored = adapter_from_file(signature, start, args.injection, args.adapter_rank, args.seed)
+    context = text_context(signature, text_encoder=load_text_encoder(args.text_encoder), stored=stored)
     if not args.teacher:
         return adapter, context, velocity_loss
-    return adapter, context, DistillObjective(adapter, context, distill_config(args), args.teacher)
+    return adapter, context, DistillObjective(adapter, stored, distill_config(args), args.teacher)
 
 
 def write_json(path, data):

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from tools import comfy_server
 from tools.headless import (Ranks, add_model_arguments, build_infvsr_stand_ins, build_stand_ins,
-                            check_model_arguments, load_models, load_vae, run_headless, stand_in_banner)
+                            check_model_arguments, load_models, load_text_encoder, load_vae, run_headless,
+                            stand_in_banner)
 
 STAND_IN_BANNER = stand_in_banner("--stand-ins")
 EXCHANGE_SUFFIX = ".litevsr-exchange"
@@ -79,6 +80,8 @@ def parse_args(argv=None):
         ap.error("--infvsr needs --reference RAM DAPE (or --stand-ins)")
     if args.reference and not args.infvsr:
         ap.error("--reference is only for --infvsr")
+    if args.infvsr and args.text_encoder:
+        ap.error("--text-encoder is not for --infvsr: InfVSR's DiT reads its reference encoder's tokens as context")
     return args
 
 
@@ -185,7 +188,8 @@ def run(args, ranks, frames_to=None):
     decoder = load_vae(args.decoder) if args.decoder else None
     if not args.infvsr:
         model = with_adapter(model, *adapter_from_file(backbone_signature(model), args.adapter, args.injection,
-                                                       args.adapter_rank))
+                                                       args.adapter_rank),
+                             text_encoder=load_text_encoder(args.text_encoder))
     load_seconds = time.monotonic() - t0
     ranks.say(f"models loaded in {load_seconds:.1f} s" + (f"; decoding with the {describe(decoder)}" if decoder else ""),
               everyone=ranks.shared)
