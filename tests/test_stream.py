@@ -27,7 +27,7 @@ def group_decode(latent):
     return rearrange(torch.cat(frames), "t c h w -> t h w c")
 
 
-def per_frame_denoise(x, sigma, lr_latent, estimate):
+def per_frame_denoise(x, sigma, lr_latent, estimate, carried=None):
     return 0.5 * lr_latent + 0.25 * torch.tanh(x) * (1 - sigma) + 0.2 * estimate
 
 
@@ -70,7 +70,7 @@ def test_carried_state_reaches_the_next_chunk():
     """A model with temporal reach (mixes neighbouring latent frames) sees the previous chunk's result."""
     seen = []
 
-    def temporal_denoise(x, sigma, lr_latent, estimate):
+    def temporal_denoise(x, sigma, lr_latent, estimate, carried=None):
         seen.append(estimate.clone())
         return 0.5 * lr_latent + 0.5 * estimate.mean(dim=2, keepdim=True)
 
@@ -106,7 +106,7 @@ def test_shared_upscale_equals_one_process(tmp_path):
     the same segment length, and carried state really restarts at segment boundaries."""
     from comfyui_litevsr.nodes.core.distributed import upscale_shared
 
-    def temporal_denoise(x, sigma, lr_latent, estimate):
+    def temporal_denoise(x, sigma, lr_latent, estimate, carried=None):
         return 0.5 * lr_latent + 0.5 * estimate.mean(dim=2, keepdim=True)
 
     pipe = VSRPipeline(group_encode, temporal_denoise, group_decode, grid_px=16, scale=2, sigmas=flow_sigmas(2, 5.0),
