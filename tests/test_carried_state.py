@@ -11,6 +11,7 @@ from comfyui_litevsr.nodes.core.backbones import families, family
 from comfyui_litevsr.nodes.core.sampling import Carried, euler_step, flow_sigmas, sample_vsr, video_noise
 from comfyui_litevsr.nodes.core.stream import carried_frames
 from comfyui_litevsr.nodes.core.temporal import split_chunks
+from comfyui_litevsr.nodes.pipeline import adapter_memory, context_sigma
 
 from tools import tiny_models
 
@@ -130,4 +131,6 @@ def test_per_frame_timesteps_reach_the_dit(tmp_path, family_id):
     # outputs, so any difference is the timestep's; 5e-6 is far above float32 rounding of these O(1) values)
     assert moved > 5e-6 and own > moved
     assert [float(t) for t, _ in seen] == [1000 * sigma] * 2  # the adapter: the call's sigma, both calls
+    # what the streaming runner reads off the MODEL: the family's level, and no memory for an adapter without one
+    assert context_sigma(model) == level and adapter_memory(model) is None and adapter_memory(dit) is None
     assert seen[0][1] is not None and torch.equal(seen[0][1], memory) and seen[1][1] is None
