@@ -82,15 +82,16 @@ def load_stand_in(tmp_path, family_id):
     return comfy.sd.load_diffusion_model(str(path))
 
 
-@pytest.mark.parametrize("family_id", ["wan2.1", "wan2.2"])
-def test_per_frame_timesteps_reach_the_dit(tmp_path, family_id):
+@pytest.mark.parametrize("family_id, mode", [("wan2.1", "direct"), ("wan2.2", "direct"), ("wan2.1", "shared_blocks")])
+def test_per_frame_timesteps_reach_the_dit(tmp_path, family_id, mode):
     """Through ComfyUI's loader, apply_model and our wrapper: with carried frame sigmas the zero-initialised adapter
     (exact identity) gives what a direct DiT call with the per-frame timestep tensor [B, T] gives, not what the
-    scalar-timestep call gives; the adapter itself reads the call's sigma and receives the carried memory."""
+    scalar-timestep call gives; the adapter itself reads the call's sigma and receives the carried memory. In
+    shared_blocks mode the condition branch passes the frozen blocks with the same per-frame modulation."""
     import comfy.model_management
 
     dit = load_stand_in(tmp_path, family_id)
-    adapter = StateAwareAdapter(AdapterConfig(backbone_signature(dit)))
+    adapter = StateAwareAdapter(AdapterConfig(backbone_signature(dit), mode=mode))
     seen = []
     features = adapter.features
 
