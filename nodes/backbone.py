@@ -14,6 +14,7 @@ from .core.geometry import BackboneSignature
 
 KEY = "litevsr"  # wrapper key, additional-model key and transformer_options key
 CHECKPOINT_KEY = "litevsr_gradient_checkpointing"  # transformer_options flag set by the trainer
+FRAME_TIMESTEPS_KEY = "litevsr_frame_timesteps"  # transformer_options: per-frame timesteps [B, T] of one call
 DIFFUSION_MODEL = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 
 
@@ -49,7 +50,10 @@ def _twice(tensor):
 
 class AdapterWrapper:
     """DIFFUSION_MODEL wrapper: once per model call, computes the adapter features from the LR latent, the clean
-    estimate and the timestep, and leaves them for the block patches in this call's transformer_options."""
+    estimate, the timestep and the adapter's memory of earlier chunks (when carried), and leaves them for the block
+    patches in this call's transformer_options. Where the call carries per-frame timesteps (known frames at their
+    context level), the DiT gets those instead of the call's one: Wan's time embedding takes [B, T] (`repeat_e`
+    spreads each frame's over its tokens), as ComfyUI's WAN22.process_timestep gives it for TI2V."""
 
     def __init__(self, adapter_patcher, context, signature):
         self.adapter_patcher = adapter_patcher
@@ -65,11 +69,23 @@ class AdapterWrapper:
         if lr_latent is None:
             raise ValueError("A MODEL with a LiteVSR adapter must be sampled by 'LiteVSR Sampler' (it supplies the "
                              "LR latent); stock samplers do not.")
+        memory = kwargs.pop("vsr_memory", None)
         adapter = self.adapter_patcher.model
-        per_sample_t = timestep.reshape(x.shape[0], -1).amax(dim=1)  # Wan2.2 may pass per-token timesteps
-        features = adapter.features(lr_latent, lr_latent if estimate is None else estimate, per_sample_t)
+        # The adapter reads the call's (the unknown frames') noise level; Wan2.2 may pass per-token timesteps.
+        per_sample_t = timestep.reshape(x.shape[0], -1).amax(dim=1)
+        estimate = lr_latent if estimate is None else estimate
+        if memory is None:
+            features = adapter.features(lr_latent, estimate, per_sample_t)
+        else:
+            features = adapter.features(lr_latent, estimate, per_sample_t, memory=memory)
         transformer_options[KEY] = {"adapter": adapter, "features": features, "condition": None,
                                     "checkpoint": transformer_options.get(CHECKPOINT_KEY, False)}
+        frame_timesteps = transformer_options.get(FRAME_TIMESTEPS_KEY)
+        if frame_timesteps is not None:
+            if frame_timesteps.shape != (x.shape[0], x.shape[2]):
+                raise ValueError(f"per-frame timesteps {tuple(frame_timesteps.shape)} do not match the latent's "
+                                 f"batch and frames ({x.shape[0]}, {x.shape[2]})")
+            timestep = frame_timesteps.to(timestep)
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
 
 
@@ -147,8 +163,9 @@ def direct_call_options(model):
 
 
 def make_denoiser(model, context=None, gradient_checkpointing=False):
-    """denoise(x, sigma, lr, estimate) -> x0 for a MODEL with an adapter, in the model's latent space; sigma is a
-    number or one value per sample.
+    """denoise(x, sigma, lr, estimate, carried=None) -> x0 for a MODEL with an adapter, in the model's latent space;
+    sigma is a number or one value per sample; `carried` (core/sampling.py, Carried): per-frame noise levels for
+    the DiT and the adapter's memory.
 
     Loads the DiT and the adapter onto the compute device and merges the patcher's wrappers into the call
     options, as ComfyUI's samplers do (comfy/samplers.py; why the sampler calls the model directly: ARCHITECTURE.md)."""
@@ -161,12 +178,21 @@ def make_denoiser(model, context=None, gradient_checkpointing=False):
     options[CHECKPOINT_KEY] = gradient_checkpointing
     text = (attachment.context if context is None else context).to(device)
 
-    def denoise(x, sigma, lr_latent, estimate):
+    def denoise(x, sigma, lr_latent, estimate, carried=None):
         batch = x.shape[0]
         sigmas = per_sample_sigmas(sigma, batch, device)
         call_options = dict(options, sigmas=sigmas)
+        extra = {}
+        if carried is not None and carried.frame_sigmas is not None:
+            # Timesteps by ComfyUI's own sigma -> t rule, in float32 as it gives the call's; in the options, not a
+            # keyword: apply_model casts keywords to the model dtype (bf16 would tell a frame at 0.625 "624").
+            frame_sigmas = carried.frame_sigmas.to(device, torch.float32).reshape(-1, x.shape[2])
+            call_options[FRAME_TIMESTEPS_KEY] = model.model.model_sampling.timestep(frame_sigmas).float().expand(
+                batch, -1)
+        if carried is not None and carried.memory is not None:
+            extra["vsr_memory"] = carried.memory.to(device)
         return model.model.apply_model(x.to(device), sigmas, c_crossattn=text.expand(batch, -1, -1),
                                        transformer_options=call_options, vsr_lr=lr_latent.to(device),
-                                       vsr_est=estimate.to(device))
+                                       vsr_est=estimate.to(device), **extra)
 
     return denoise

@@ -4,7 +4,8 @@ The node graph (one node per stage) and the streaming node (all stages per chunk
 run the same code."""
 import comfy.model_management
 
-from .backbone import backbone_signature, make_denoiser
+from .backbone import backbone_signature, find_attachment, make_denoiser
+from .core.backbones import family
 from .core.dit_tiling import default_overlap, latent_tiling, patch_multiple, tiled_denoiser, training_tile
 from .core.geometry import WAN_PATCH
 from .decoders import decode_tiled
@@ -58,3 +59,19 @@ def dit_denoiser(model, tile, overlap, on_tile=check_interrupt):
     latent is larger than `tile` (one call otherwise)."""
     multiple = patch_multiple(backbone_signature(model))
     return tiled_denoiser(make_denoiser(model), tile, overlap, multiple=multiple, on_tile=on_tile)
+
+
+def context_sigma(model):
+    """The noise level the DiT is shown a chunk's known frames at: its family's (core/backbones.py)."""
+    return family(backbone_signature(model).family).context_sigma
+
+
+def adapter_memory(model):
+    """`remember(memory, clean_latents) -> memory` of the adapter attached to `model`, or None where it keeps no
+    memory of earlier chunks (no adapter, or one without memory: every file made before the memory existed)."""
+    attachment = find_attachment(model)
+    adapter = None if attachment is None else attachment.adapter_patcher.model
+    if adapter is None or not getattr(adapter.config, "memory", False):
+        return None
+    from .core.adapter import remember  # only adapters with memory have it; it comes with them
+    return lambda memory, clean: remember(memory, clean, adapter)

@@ -20,7 +20,7 @@ from .core.temporal import SceneCutDetector, split_chunks
 from .core.video_io import VideoWriter
 from .decoders import check_decoder
 from .infvsr import is_infvsr
-from .pipeline import check_vae, dit_denoiser, grid_px, hr_decoder, lr_encoder
+from .pipeline import adapter_memory, check_vae, context_sigma, dit_denoiser, grid_px, hr_decoder, lr_encoder
 from .planner import is_oom, plan_for_video
 
 log = logging.getLogger("LiteVSR")
@@ -38,15 +38,15 @@ def dit_overlap(plan):
 
 
 def retrying(process_for_plan, plan):
-    """process(frames, first_frame, known) that runs `process_for_plan(plan)` and, on running out of memory in
-    the DiT or the decode, halves that stage's tile and redoes the chunk; later chunks keep the sizes that
+    """process(frames, first_frame, known, memory) that runs `process_for_plan(plan)` and, on running out of memory
+    in the DiT or the decode, halves that stage's tile and redoes the chunk; later chunks keep the sizes that
     worked. (The chunk length is fixed once streaming has started.)"""
     state = {"plan": plan}
 
-    def process(frames, first_frame, known):
+    def process(frames, first_frame, known, memory):
         result, state["plan"] = oom.run_with_oom_retry(
-            lambda current: process_for_plan(current)(frames, first_frame, known), state["plan"], is_oom=is_oom,
-            on_retry=log.warning)
+            lambda current: process_for_plan(current)(frames, first_frame, known, memory), state["plan"],
+            is_oom=is_oom, on_retry=log.warning)
         return result
 
     return process
@@ -197,7 +197,7 @@ class StreamUpscale:
                                hr_decoder(self.decoder, self.model, sizes.decode_tile, decode_overlap(sizes),
                                           check_interrupt),
                                grid_px(self.vae), options.scale, sigmas, options.start, options.seed,
-                               options.colour).process
+                               options.colour, context_sigma=context_sigma(self.model)).process
 
         def read(indices):
             spans = [(self.chunks[index].start, self.chunks[index].stop) for index in indices]
@@ -210,11 +210,12 @@ class StreamUpscale:
             check_interrupt()
 
         process = retrying(pipeline_for, self.sizes)
+        remember = adapter_memory(self.model)
         with torch.inference_mode():
             if share.rank != 0:
                 try:
                     upscale_shared(self.chunks, share.rank, share.world, options.segment_chunks, read, process, None,
-                                   share.exchange, chunk_done)
+                                   share.exchange, chunk_done, remember=remember)
                 except BaseException:
                     share.failed()
                     raise
@@ -230,6 +231,7 @@ class StreamUpscale:
                     upscale_causal(self.chunks, read(self.own), causal.process, write, chunk_done)
                 elif share.world > 1:
                     upscale_shared(self.chunks, 0, share.world, options.segment_chunks, read, process, write,
-                                   share.exchange, chunk_done, is_alive=share.is_alive)
+                                   share.exchange, chunk_done, is_alive=share.is_alive, remember=remember)
                 else:
-                    upscale_chunks(self.chunks, read(self.own), process, write, chunk_done, options.segment_chunks)
+                    upscale_chunks(self.chunks, read(self.own), process, write, chunk_done, options.segment_chunks,
+                                   remember)

@@ -88,6 +88,33 @@ def test_every_tile_sees_the_full_noise_field(height, width):
     assert torch.equal(first_x[..., shared.start - first_cols.start:], noise[..., :tile, shared])
 
 
+@pytest.mark.parametrize("height, width", [(22, 34), (21, 33), (12, 12)])
+def test_carried_memory_is_cropped_like_the_lr_latent(height, width):
+    """The adapter's memory (on the latent grid, its own frame count) reaches each tile as its crop of the memory
+    padded like the LR latent; the per-frame noise levels reach every tile unchanged; (12, 12) is one tile."""
+    from comfyui_litevsr.nodes.core.sampling import Carried
+
+    lr = video(height, width)
+    memory = video(height, width, seed=5, frames=2)
+    carried = Carried(torch.tensor([0.5, 0.0, 0.5]), memory)
+    calls = []
+
+    def denoise(x, sigma, lr_latent, estimate, carried):
+        calls.append((lr_latent, carried))
+        return local_denoise(x, sigma, lr_latent, estimate)
+
+    tiled = tiled_denoiser(denoise, 12, 4)
+    tiled(lr, 0.5, lr, lr, carried)
+    assert len(calls) == len(tiled.grid(height, width)) and (len(calls) == 1) == (height == 12)
+    _, padded_lr, padded_memory = pad_to_patch(lr, lr, memory)
+    for (rows, cols), (lr_tile, tile_carried) in zip(tiled.grid(height, width), calls):
+        crop = (..., rows.slice, cols.slice)
+        assert torch.equal(lr_tile, padded_lr[crop]) and torch.equal(tile_carried.memory, padded_memory[crop])
+        assert tile_carried.frame_sigmas is carried.frame_sigmas
+    with pytest.raises(ValueError, match="carried memory"):
+        tiled(lr, 0.5, lr, lr, Carried(memory=memory[..., :-2]))
+
+
 def test_odd_border_is_padded_as_the_dit_pads_it():
     x = torch.arange(15.0).reshape(1, 1, 1, 3, 5)
     padded_x, padded_lr, _ = pad_to_patch(x, -x, x)

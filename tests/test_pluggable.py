@@ -33,18 +33,31 @@ class Recorder:
     def __init__(self, denoise):
         self.denoise, self.calls = denoise, []
 
-    def __call__(self, x, sigma, lr_latent, estimate):
-        x0 = self.denoise(x, sigma, lr_latent, estimate)
+    def __call__(self, x, sigma, lr_latent, estimate, *carried):
+        x0 = self.denoise(x, sigma, lr_latent, estimate, *carried)
         self.calls.append((sigma, x.clone(), estimate.clone(), x0.clone()))
         return x0
 
 
+def assert_fed_back(calls, known):
+    """Every call (the corrector's too) reads the previous call's x0, which holds the known values on their frames."""
+    for (_, _, estimate, _), (_, _, _, previous) in zip(calls[1:], calls):
+        assert torch.equal(estimate, known.put(previous, known.values))
+
+
 def test_heun_stepper_with_feedback_and_carried_frames_matches_the_hand_computation():
     """x0_hat = estimate / 2 + x / 4 per element, noise 1, LR 2, sigmas 1 -> 1/2 -> 0: every value is dyadic, so
-    the hand computation is exact. Frame 1 is carried; the others never read it (the model is per element)."""
+    the hand computation is exact. Frame 1 is carried at context level 1/2; the others never read it (the model is
+    per element)."""
     lr, noise = torch.full((1, 1, 3, 1, 1), 2.0), torch.ones(1, 1, 3, 1, 1)
-    known = KnownFrames((1,), torch.full((1, 1, 1, 1, 1), 3.0))
-    denoise = Recorder(lambda x, sigma, lr_latent, estimate: estimate / 2 + x / 4)
+    known = KnownFrames((1,), torch.full((1, 1, 1, 1, 1), 3.0), sigma=0.5)
+    frame_sigmas = []
+
+    def model(x, sigma, lr_latent, estimate, carried):
+        frame_sigmas.append(carried.frame_sigmas.tolist())
+        return estimate / 2 + x / 4
+
+    denoise = Recorder(model)
     steps = []
     out = sample_vsr(denoise, lr, noise, torch.tensor([1.0, 0.5, 0.0]), on_step=lambda *a: steps.append(a),
                      known=known, stepper=sample_heun)
@@ -60,11 +73,11 @@ def test_heun_stepper_with_feedback_and_carried_frames_matches_the_hand_computat
 
     sigmas = [sigma for sigma, *_ in denoise.calls]
     assert sigmas == [1.0, 0.5, 0.5]
-    for (_, _, estimate, _), (_, _, _, previous) in zip(denoise.calls[1:], denoise.calls):
-        assert torch.equal(estimate, previous)  # every call, the corrector's too, feeds its x0 back
-    assert torch.equal(denoise.calls[0][2][:, :, [0, 2]], lr[:, :, [0, 2]])
-    for sigma, x_in, _, _ in denoise.calls:  # the carried frame sits at its state in every model input
-        assert torch.equal(x_in[:, :, [1]], sigma * noise[:, :, [1]] + (1 - sigma) * known.values)
+    assert frame_sigmas == [[1.0, 0.5, 1.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]  # the carried frame: always 1/2
+    assert_fed_back(denoise.calls, known)
+    assert torch.equal(denoise.calls[0][2], known.put(lr, known.values))
+    for _, x_in, _, _ in denoise.calls:  # the carried frame sits at its context state in every model input
+        assert torch.equal(x_in[:, :, [1]], torch.full((1, 1, 1, 1, 1), 0.5 * 1 + 0.5 * 3.0))
 
 
 def test_heun_stepper_on_the_real_tiny_dit(tiny_dit):
@@ -80,8 +93,7 @@ def test_heun_stepper_on_the_real_tiny_dit(tiny_dit):
     assert len(denoise.calls) == 5  # two calls on each step but the last
     assert torch.equal(heun[:, :, [0]], known.values)
     assert torch.isfinite(heun).all() and not torch.allclose(heun[:, :, 1:], euler[:, :, 1:])
-    for (_, _, estimate, _), (_, _, _, previous) in zip(denoise.calls[1:], denoise.calls):
-        assert torch.equal(estimate, previous)
+    assert_fed_back(denoise.calls, known)
 
 
 class Pairs:

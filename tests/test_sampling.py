@@ -69,13 +69,16 @@ def test_noise_is_seeded_on_cpu():
 
 
 def test_known_frames_are_context_and_come_out_unchanged():
-    """Carried state: known frames sit at their state for each sigma and are returned as given; the other frames of
-    a model without temporal interaction are exactly what they are without carried state."""
+    """Carried state: in every call the known frames sit at their context state (c * noise + (1 - c) * known, the
+    same at every sigma) and the denoiser is told c on them and the step's sigma elsewhere; the estimate fed back
+    and the output hold them exactly; the other frames of a model without temporal interaction are exactly what
+    they are without carried state. Both start modes."""
     from comfyui_litevsr.nodes.core.sampling import KnownFrames, video_noise
 
     lr = torch.randn(1, 2, 5, 2, 2)
     noise = video_noise(lr.shape, seed=3)
-    known = KnownFrames((1, 2), torch.randn(1, 2, 2, 2, 2))
+    known = KnownFrames((1, 2), torch.randn(1, 2, 2, 2, 2), sigma=0.25)
+    memory = torch.randn(1, 2, 3, 2, 2)
 
     def per_frame(x, sigma, lr_latent, estimate):
         return 0.5 * lr_latent + 0.25 * x * x.abs().clamp(max=1) + 0.1 * estimate
@@ -83,18 +86,35 @@ def test_known_frames_are_context_and_come_out_unchanged():
     for start, sigmas in (("noise", flow_sigmas(3, 5.0)), ("lr_latent", flow_sigmas(2, 5.0, 0.4))):
         calls = []
 
-        def recording(x, sigma, lr_latent, estimate):
-            calls.append((sigma, x.clone(), estimate.clone()))
+        def recording(x, sigma, lr_latent, estimate, carried):
+            calls.append((sigma, x.clone(), estimate.clone(), carried))
             return per_frame(x, sigma, lr_latent, estimate)
 
         free = sample_vsr(per_frame, lr, noise, sigmas, start)
-        carried = sample_vsr(recording, lr, noise, sigmas, start, known=known)
+        carried = sample_vsr(recording, lr, noise, sigmas, start, known=known, memory=memory)
         assert torch.equal(carried[:, :, 1:3], known.values)
         assert torch.equal(carried[:, :, [0, 3, 4]], free[:, :, [0, 3, 4]])
-        assert torch.equal(calls[0][2][:, :, 1:3], known.values)  # the refinement stream starts from them
-        for sigma, x, _ in calls:
-            state = known.values if start == "lr_latent" else sigma * noise[:, :, 1:3] + (1 - sigma) * known.values
-            assert torch.allclose(x[:, :, 1:3], state)
+        assert len(calls) == len(sigmas) - 1
+        context = 0.25 * noise[:, :, 1:3] + 0.75 * known.values
+        for sigma, x, estimate, state in calls:
+            assert torch.equal(x[:, :, 1:3], context)  # whatever the step's sigma
+            assert torch.equal(estimate[:, :, 1:3], known.values)  # the refinement stream reads them clean
+            assert state.frame_sigmas.tolist() == pytest.approx([sigma, 0.25, 0.25, sigma, sigma])
+            assert state.memory is memory
+
+
+def test_memory_alone_is_carried_and_nothing_is_passed_without_carried_state():
+    """Memory without known frames (a chunk plan without overlap) reaches the denoiser with no per-frame levels;
+    without either, the denoiser is called with its four arguments."""
+    from comfyui_litevsr.nodes.core.sampling import video_noise
+
+    lr = torch.randn(1, 2, 3, 2, 2)
+    noise = video_noise(lr.shape, seed=1)
+    memory = torch.randn(1, 2, 2, 2, 2)
+    seen = []
+    sample_vsr(lambda x, s, l, e, carried: seen.append(carried) or l, lr, noise, flow_sigmas(2, 5.0), memory=memory)
+    assert [(c.frame_sigmas, c.memory) for c in seen] == [(None, memory)] * 2
+    sample_vsr(lambda x, s, l, e: l, lr, noise, flow_sigmas(2, 5.0))  # would raise if given a fifth argument
 
 
 def test_video_noise_is_keyed_by_position():

@@ -27,7 +27,7 @@ def group_decode(latent):
     return rearrange(torch.cat(frames), "t c h w -> t h w c")
 
 
-def per_frame_denoise(x, sigma, lr_latent, estimate):
+def per_frame_denoise(x, sigma, lr_latent, estimate, carried=None):
     return 0.5 * lr_latent + 0.25 * torch.tanh(x) * (1 - sigma) + 0.2 * estimate
 
 
@@ -70,7 +70,7 @@ def test_carried_state_reaches_the_next_chunk():
     """A model with temporal reach (mixes neighbouring latent frames) sees the previous chunk's result."""
     seen = []
 
-    def temporal_denoise(x, sigma, lr_latent, estimate):
+    def temporal_denoise(x, sigma, lr_latent, estimate, carried=None):
         seen.append(estimate.clone())
         return 0.5 * lr_latent + 0.5 * estimate.mean(dim=2, keepdim=True)
 
@@ -80,8 +80,8 @@ def test_carried_state_reaches_the_next_chunk():
     chunks = split_chunks(25, 17, 8)
     latents = []
 
-    def process(frames, first_frame, known):
-        hr, clean = pipe.process(frames, first_frame, known)
+    def process(frames, first_frame, known, memory):
+        hr, clean = pipe.process(frames, first_frame, known, memory)
         latents.append(clean)
         return hr, clean
 
@@ -89,6 +89,52 @@ def test_carried_state_reaches_the_next_chunk():
     # The second chunk's refinement stream started from the first chunk's finished latents 3 and 4.
     assert torch.equal(seen[1][:, :, 1:3], latents[0][:, :, 3:5])
     assert torch.equal(latents[1][:, :, 1:3], latents[0][:, :, 3:5])
+
+
+def test_memory_runs_through_the_chunks_and_resets_with_the_known_frames():
+    """Each chunk gets remember(...) of the chunks before it in its shot and segment, and known frames exactly where
+    it gets a memory; remember=None carries known frames only."""
+    chunks = split_chunks(45, 9, 4, cuts=[17])  # a cut at frame 17: chunks 0-2, then 3-8
+    seen = []
+
+    def process(frames, first_frame, known, memory):
+        seen.append((known is not None, memory))
+        return frames, torch.full((1, 1, 3, 1, 1), float(len(seen) - 1))  # chunk i's latents hold i
+
+    def remember(memory, clean):
+        return (memory or ()) + (int(clean[0, 0, 0, 0, 0]),)
+
+    def walk(segment_chunks, remember):
+        seen.clear()
+        upscale_chunks(chunks, (torch.zeros(c.stop - c.start, 1, 1, 3) for c in chunks), process, lambda f: None,
+                       segment_chunks=segment_chunks, remember=remember)
+        return list(seen)
+
+    assert [c.new_shot for c in chunks] == [True, False, False, True] + [False] * 5
+    expected = [(False, None), (True, (0,)), (True, (0, 1)), (False, None), (True, (3,)), (True, (3, 4)),
+                (True, (3, 4, 5)), (True, (3, 4, 5, 6)), (True, (3, 4, 5, 6, 7))]
+    assert walk(0, remember) == expected
+    segmented = walk(4, remember)  # segments restart at chunks 4 and 8
+    assert segmented[:4] == expected[:4] and segmented[4:6] == [(False, None), (True, (4,))]
+    assert segmented[8] == (False, None)
+    assert walk(0, None) == [(known, None) for known, _ in expected]
+
+
+def test_the_pipeline_shows_known_frames_at_its_context_level():
+    recorded = []
+
+    def denoise(x, sigma, lr_latent, estimate, carried=None):
+        recorded.append(carried)
+        return per_frame_denoise(x, sigma, lr_latent, estimate)
+
+    pipe = VSRPipeline(group_encode, denoise, group_decode, grid_px=16, scale=2, sigmas=flow_sigmas(1, 5.0), seed=1,
+                       colour="none", context_sigma=0.125)
+    clip = torch.rand(25, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    memory = torch.zeros(1, 3, 2, 2, 2)
+    upscale_chunks(split_chunks(25, 17, 8), (clip[:17], clip[8:]), pipe.process, lambda f: None,
+                   remember=lambda previous, clean: memory)
+    assert recorded[0] is None  # nothing carried into the first chunk: the denoiser gets four arguments
+    assert recorded[1].frame_sigmas.tolist() == [1.0, 0.125, 0.125, 1.0, 1.0] and recorded[1].memory is memory
 
 
 @pytest.mark.parametrize("num_chunks,segment,world", [(7, 2, 2), (8, 3, 3), (3, 1, 4), (5, 5, 2)])
@@ -106,7 +152,7 @@ def test_shared_upscale_equals_one_process(tmp_path):
     the same segment length, and carried state really restarts at segment boundaries."""
     from comfyui_litevsr.nodes.core.distributed import upscale_shared
 
-    def temporal_denoise(x, sigma, lr_latent, estimate):
+    def temporal_denoise(x, sigma, lr_latent, estimate, carried=None):
         return 0.5 * lr_latent + 0.5 * estimate.mean(dim=2, keepdim=True)
 
     pipe = VSRPipeline(group_encode, temporal_denoise, group_decode, grid_px=16, scale=2, sigmas=flow_sigmas(2, 5.0),

@@ -1,11 +1,13 @@
 """The backbone registry: every fact about the supported Wan families and their published releases, in one table.
 
 A `Family` is what an adapter depends on beyond the DiT's width and depth: how a loaded MODEL is recognised as
-it, its latent channels, VAE stride and patch (so its pixel grid), and the memory its VAE takes. A `Release` is
-one published checkpoint of a family: its width and depth, FFN width and training resolution. Everything that
-needs such a fact reads it here: recognising a MODEL (nodes/backbone.py), default DiT tiles (dit_tiling.py), the
-memory planner's VAE model and parameter counts (memory.py), the bench, the tiny stand-ins (tools/tiny_models.py)
-and the front end's grid rule (js/litevsr_rules.js, checked against this table by tests/test_registry.py).
+it, its latent channels, VAE stride and patch (so its pixel grid), the memory its VAE takes and the noise level
+its DiT is shown carried frames at. A `Release` is one published checkpoint of a family: its width and depth, FFN
+width and training resolution. Everything that needs such a fact reads it here: recognising a MODEL
+(nodes/backbone.py), the streaming pipeline's context level (nodes/pipeline.py), default DiT tiles
+(dit_tiling.py), the memory planner's VAE model and parameter counts (memory.py), the bench, the tiny stand-ins
+(tools/tiny_models.py) and the front end's grid rule (js/litevsr_rules.js, checked against this table by
+tests/test_registry.py).
 
 Adding a Wan family is one `register(Family(...), Release(...), ...)` call plus its stand-in in
 tools/tiny_models.py. ComfyUI classes are named here, never imported: the core stays free of ComfyUI.
@@ -41,6 +43,9 @@ class Family:
     vae_decode_per_px: int
     vae_encode_per_px: int
     patch: tuple = WAN_PATCH
+    # The noise level the DiT is shown a chunk's known frames at (the previous chunk's finished latents), with that
+    # level as their own timestep (core/sampling.py, KnownFrames); why each family's value: ARCHITECTURE.md, Sampling.
+    context_sigma: float = 0.0
 
     @property
     def grid_px(self):
@@ -179,10 +184,13 @@ def vae_family(vae_stride):
 
 # The published Wan families and releases (the configs in Wan-Video's Wan2.1 and Wan2.2 repositories). Wan2.1-1.3B
 # was trained at 480p; Wan2.1-14B and Wan2.2-TI2V-5B up to 720p (TI2V-5B at 1280x704, a multiple of its 32 px grid).
+# Context levels: Wan2.2 TI2V-5B was trained with clean first-frame tokens at timestep 0, so 0 is its own scheme;
+# Wan2.1 T2V never saw per-frame timesteps: 0.02 (timestep 20) is the level SkyReels-V2's Wan2.1-based Diffusion
+# Forcing gives the overlap frames of long videos.
 WAN21 = Family("wan2.1", "Wan2.1 T2V (1.3B/14B)", Recognition("WAN21", "Wan21"), latent_channels=16, vae_stride=8,
-               vae_decode_per_px=7000, vae_encode_per_px=6000)
+               vae_decode_per_px=7000, vae_encode_per_px=6000, context_sigma=0.02)
 WAN22 = Family("wan2.2", "Wan2.2 TI2V-5B", Recognition("WAN22", "Wan22"), latent_channels=48, vae_stride=16,
-               vae_decode_per_px=8000, vae_encode_per_px=3300)
+               vae_decode_per_px=8000, vae_encode_per_px=3300, context_sigma=0.0)
 WAN21_1_3B = WAN21.signature(dim=1536, num_layers=30, num_heads=12)
 WAN21_14B = WAN21.signature(dim=5120, num_layers=40, num_heads=40)
 WAN22_5B = WAN22.signature(dim=3072, num_layers=30, num_heads=24)

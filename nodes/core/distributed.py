@@ -47,12 +47,12 @@ def take_over(folder, index, is_alive=lambda: True, poll_seconds=0.2):
 
 
 def upscale_shared(chunks, rank, world_size, segment_chunks, read_chunks, process, write, exchange_folder,
-                   on_chunk=None, is_alive=lambda: True):
+                   on_chunk=None, is_alive=lambda: True, remember=None):
     """This rank's part of a shared upscale. `read_chunks(indices)` yields those chunks' LR frames; `write` is
-    only called on rank 0, with finished frames in video order."""
+    only called on rank 0, with finished frames in video order; `process` and `remember` as for process_chunks."""
     start, stop = rank_ranges(len(chunks), segment_chunks, world_size)[rank]
     own = range(start, stop)
-    finished = process_chunks(chunks, own, read_chunks(own), process, on_chunk, segment_chunks)
+    finished = process_chunks(chunks, own, read_chunks(own), process, on_chunk, segment_chunks, remember)
     if rank != 0:
         for index, frames in finished:
             hand_over(exchange_folder, index, frames)

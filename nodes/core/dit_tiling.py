@@ -1,8 +1,9 @@
 """Spatial tiling of the DiT denoiser, so 2K/4K latents run in tiles near the backbone's training resolution.
 
-`tiled_denoiser(denoise, tile, overlap)` wraps the sampler's `denoise(x, sigma, lr_latent, estimate) -> x0`
-callable (see `sampling.py`) in one with the same signature. It crops `x`, `lr_latent` and `estimate`
-(`[B, C, T, h, w]` latents) to the same spatial tiles, calls `denoise` on each, and blends the clean estimates
+`tiled_denoiser(denoise, tile, overlap)` wraps the sampler's `denoise(x, sigma, lr_latent, estimate[, carried])
+-> x0` callable (see `sampling.py`) in one with the same signature. It crops `x`, `lr_latent`, `estimate`
+(`[B, C, T, h, w]` latents) and the carried memory (`[B, C, M, h, w]`, on the same grid) to the same spatial tiles,
+passes the carried per-frame noise levels through as they are, calls `denoise` on each, and blends the clean estimates
 with `FeatherBlender` (raised-cosine ramps over the shared parts). The sampler is untouched: it still runs its
 Euler steps on the full latent, so after every step the tiles see each other's blended result, and the adapter's
 refinement stream reads the blended estimate.
@@ -29,6 +30,7 @@ hides the remaining disagreement at tile edges.
 Pure torch; imports nothing of ComfyUI.
 """
 import math
+from dataclasses import replace
 
 import torch.nn.functional as F
 
@@ -127,19 +129,20 @@ def latent_tiling(signature: BackboneSignature, tile_px, overlap_px=None):
     return tile, tuple(size // stride for size in overlap_px)
 
 
-def pad_to_patch(x, lr_latent, estimate, patch=PATCH):
-    """Pad an odd-sized latent to whole patches before tiling, exactly as the untiled call pads it.
+def pad_to_patch(x, *adapter_inputs, patch=PATCH):
+    """Pad an odd-sized latent to whole patches before tiling, exactly as the untiled call pads it; returns x and
+    the adapter's inputs (LR latent, estimate, memory: None stays None) padded.
 
-    ComfyUI's WanModel pads x circularly (`pad_to_patch_size`) and the adapter pads the LR latent and the
-    estimate by replication (`adapter.pad_to_multiple`). Padding the full latent the same way first means the
-    border tile sees the same half-padded border tokens as the whole; clipping the tile instead would let the DiT
-    wrap the tile's own first column into the border token. The padded part is cropped off after blending."""
+    ComfyUI's WanModel pads x circularly (`pad_to_patch_size`) and the adapter pads its inputs by replication
+    (`adapter.pad_to_multiple`). Padding the full latent the same way first means the border tile sees the same
+    half-padded border tokens as the whole; clipping the tile instead would let the DiT wrap the tile's own first
+    column into the border token. The padded part is cropped off after blending."""
     height, width = x.shape[-2:]
     pad = (0, round_up(width, patch) - width, 0, round_up(height, patch) - height, 0, 0)
     if not any(pad):
-        return x, lr_latent, estimate
-    return (F.pad(x, pad, mode="circular"), F.pad(lr_latent, pad, mode="replicate"),
-            F.pad(estimate, pad, mode="replicate"))
+        return (x, *adapter_inputs)
+    return (F.pad(x, pad, mode="circular"),
+            *(None if other is None else F.pad(other, pad, mode="replicate") for other in adapter_inputs))
 
 
 def _check_tiling(tile, overlap, multiple):
@@ -192,7 +195,7 @@ def dit_tile_grid(height, width, tile, overlap=None, multiple=2):
 
 
 def tiled_denoiser(denoise, tile, overlap=None, multiple=2, on_tile=None):
-    """`denoise(x, sigma, lr_latent, estimate) -> x0`, run in spatial tiles and feather-blended.
+    """`denoise(x, sigma, lr_latent, estimate[, carried]) -> x0`, run in spatial tiles and feather-blended.
 
     `tile`/`overlap`: latent units, an int or (height, width); `overlap=None` takes `default_overlap`.
     `multiple`: tile alignment, the DiT patch (`patch_multiple(signature)`). Passing the adapter's window in
@@ -209,26 +212,31 @@ def tiled_denoiser(denoise, tile, overlap=None, multiple=2, on_tile=None):
         raise ValueError(f"multiple {multiple} must be a multiple of the Wan DiT patch ({PATCH}) so tokens do not "
                          f"straddle tiles; use {round_up(multiple, PATCH)}")
 
-    def tiled(x, sigma, lr_latent, estimate):
+    def tiled(x, sigma, lr_latent, estimate, carried=None):
         if x.ndim != 5:
             raise ValueError(f"expected latents [B, C, T, h, w], got x of shape {tuple(x.shape)}")
         for name, other in (("lr_latent", lr_latent), ("estimate", estimate)):
             if other.shape[0] != x.shape[0] or other.shape[-3:] != x.shape[-3:]:
                 raise ValueError(f"{name} {tuple(other.shape)} does not match x {tuple(x.shape)} in batch, "
                                  "frames or size; the DiT tiler crops all three alike")
+        memory = None if carried is None else carried.memory
+        if memory is not None and (memory.shape[0] != x.shape[0] or memory.shape[-2:] != x.shape[-2:]):
+            raise ValueError(f"the carried memory {tuple(memory.shape)} does not match x {tuple(x.shape)} in batch or "
+                             "size; the DiT tiler crops it like the latent")
         height, width = x.shape[-2:]
         if len(grid_for(height, width)) == 1:
-            x0 = denoise(x, sigma, lr_latent, estimate)
+            x0 = denoise(x, sigma, lr_latent, estimate, *([] if carried is None else [carried]))
             if on_tile is not None:
                 on_tile(1, 1)
             return x0
-        x, lr_latent, estimate = pad_to_patch(x, lr_latent, estimate)
+        x, lr_latent, estimate, memory = pad_to_patch(x, lr_latent, estimate, memory)
         padded_height, padded_width = x.shape[-2:]
         tiles = grid_for(height, width)
         blender = None
         for done, (rows, cols) in enumerate(tiles, start=1):
             crop = (..., rows.slice, cols.slice)
-            x0 = denoise(x[crop], sigma, lr_latent[crop], estimate[crop])
+            extra = [] if carried is None else [replace(carried, memory=None if memory is None else memory[crop])]
+            x0 = denoise(x[crop], sigma, lr_latent[crop], estimate[crop], *extra)
             if tuple(x0.shape[-2:]) != (rows.length, cols.length):
                 raise ValueError(f"denoise returned {tuple(x0.shape[-2:])} for a {rows.length}x{cols.length} "
                                  "latent tile; it must keep the spatial size")

@@ -2,22 +2,30 @@
 
 Conventions (rectified flow, sigma in [0, 1], sigma = 1 is pure noise):
   noising        x_sigma = sigma * noise + (1 - sigma) * x0
-  denoiser       x0_hat  = denoise(x_sigma, sigma, lr, estimate)     (the DiT predicts v = noise - x0)
+  denoiser       x0_hat  = denoise(x_sigma, sigma, lr, estimate[, carried])   (the DiT predicts v = noise - x0)
   Euler step     x_next  = x + (sigma_next - sigma) * (x - x0_hat) / sigma
 The adapter's refinement stream reads the current clean estimate: it starts at the LR latent and is replaced by
 each call's x0_hat (LiteVSR's state feedback).
 
-Carried state for long videos: `known` latent frames (the previous chunk's finished clean latents over the
-overlap) are held at their flow-matching state sigma * noise + (1 - sigma) * known in every model input, so the
-DiT's temporal attention sees the finished frames as context, and they come out unchanged. Frames that are not
-known never read them directly: a model without temporal interaction gives the same result as without carried
-state.
+Carried state for long videos (`Carried`, `KnownFrames`): `known` latent frames (the previous chunk's finished
+clean latents over the overlap) are held at a fixed context noise level c in every model input,
+c * noise + (1 - c) * known, whatever the step's sigma, and the DiT is told c on those frames: per-frame noise
+levels (`Carried.frame_sigmas`), which the Wan DiT takes as per-frame timesteps. c is a fact of the backbone family
+(`backbones.Family.context_sigma`: 0, clean, for Wan2.2 TI2V-5B; 0.02 for Wan2.1; ARCHITECTURE.md says why), so
+even a one-step run from pure noise sees the finished frames. The clean estimate fed back and the output hold the
+known frames exactly. Frames that are not known never read them directly: a model without temporal interaction
+gives the same result as without carried state. `memory` (the adapter's memory of earlier chunks) rides along
+unchanged in every call.
+
+The denoise protocol: `denoise(x, sigma, lr_latent, estimate) -> x0_hat`, with a fifth argument `carried` (a
+`Carried`) only when there is carried state, so a denoiser that never sees any keeps four arguments.
 
 The feedback and the carried frames wrap the denoiser into a k-diffusion model `model(x, sigma) -> x0_hat`, so a
 stepper is a k-diffusion style `sample_*(model, x, sigmas, callback=None)` that knows neither; `sample_euler` is
 the one in use, and another is passed to `sample_vsr` as `stepper`.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -60,21 +68,42 @@ def initial_state(start, lr_latent, noise):
 
 
 @dataclass(frozen=True)
+class Carried:
+    """What a chunk carries from the chunks before it, as `denoise` receives it.
+
+    frame_sigmas: the noise level the DiT is told per latent frame, [T] or [B, T] (None: the call's sigma on all).
+    memory: the adapter's memory of earlier chunks, a latent-space tensor [B, C, M, h, w] on the latent's spatial
+        grid (None: no memory)."""
+
+    frame_sigmas: Optional[torch.Tensor] = None
+    memory: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
 class KnownFrames:
-    """Latent frames fixed in advance: `values [B, C, len(frames), h, w]` at latent frame indices `frames`."""
+    """Latent frames fixed in advance: `values [B, C, len(frames), h, w]` at latent frame indices `frames`, shown to
+    the DiT at the context noise level `sigma` (0: clean)."""
 
     frames: tuple
     values: "torch.Tensor"
+    sigma: float = 0.0
 
-    def impose(self, x, sigma, noise):
-        """x with the known frames replaced by their state at `sigma`: the flow-matching state (noise shared with
-        the previous chunk) when sampling from noise, the clean frames when sampling from the LR latent (whose
-        state is clean content too)."""
-        index = list(self.frames)
-        values = self.values.to(x)
+    def put(self, x, values):
+        """x with `values` on the known frames."""
         x = x.clone()
-        x[:, :, index] = values if noise is None else sigma * noise[:, :, index].to(x) + (1 - sigma) * values
+        x[:, :, list(self.frames)] = values.to(x)
         return x
+
+    def context(self, noise):
+        """The known frames' state at the context level, with the noise a whole-clip run has there (the previous
+        chunk drew the same)."""
+        return self.sigma * noise[:, :, list(self.frames)].to(self.values) + (1 - self.sigma) * self.values
+
+    def frame_sigmas(self, frames, sigma):
+        """[frames]: the context level on the known frames, the step's sigma on the others."""
+        sigmas = torch.full((frames,), float(sigma))
+        sigmas[list(self.frames)] = self.sigma
+        return sigmas
 
 
 def sample_euler(model, x, sigmas, callback=None):
@@ -98,25 +127,37 @@ def with_feedback(denoise, lr_latent, estimate):
     return model
 
 
-def with_known(model, known, noise):
-    """`model` with the known frames held at their state at sigma in its input. The model never reads the
-    stepper's own values on those frames, and sample_vsr imposes them again at the end, so an elementwise stepper
-    (Euler, Heun) gives the other frames exactly what imposing them on its state would."""
-    return lambda x, sigma: model(known.impose(x, sigma, noise), sigma)
+def with_carried(denoise, known, noise, memory):
+    """`denoise` given the carried state on every call: the known frames at their context state in its input and
+    their level in `Carried.frame_sigmas`, `memory` as is; its x0_hat holds the known values, which the refinement
+    stream then reads. The model never reads the stepper's own values on the known frames, so an elementwise
+    stepper (Euler, Heun) gives the other frames exactly what imposing them on its state would."""
+    context = None if known is None else known.context(noise)
+
+    def carried_denoise(x, sigma, lr_latent, estimate):
+        if known is None:
+            return denoise(x, sigma, lr_latent, estimate, Carried(memory=memory))
+        carried = Carried(known.frame_sigmas(x.shape[2], sigma), memory)
+        return known.put(denoise(known.put(x, context), sigma, lr_latent, estimate, carried), known.values)
+
+    return carried_denoise
 
 
-def sample_vsr(denoise, lr_latent, noise, sigmas, start="noise", on_step=None, known=None, stepper=sample_euler):
-    """Runs `stepper` over the schedule with state feedback and carried frames; returns the final clean latent.
-    `on_step(done, steps)` fires once per step."""
+def sample_vsr(denoise, lr_latent, noise, sigmas, start="noise", on_step=None, known=None, stepper=sample_euler,
+               memory=None):
+    """Runs `stepper` over the schedule with state feedback and the carried state (`known` frames, the adapter's
+    `memory`); returns the final clean latent. `on_step(done, steps)` fires once per step."""
     if start == "noise" and float(sigmas[0]) != 1.0:
         raise ValueError("starting from noise needs the schedule to start at sigma 1")
     steps = len(sigmas) - 1
     callback = None if on_step is None else (lambda info: on_step(info["i"] + 1, steps))
-    model = with_feedback(denoise, lr_latent, lr_latent if known is None else known.impose(lr_latent, 0.0, noise))
+    estimate = lr_latent
+    if known is not None or memory is not None:
+        denoise = with_carried(denoise, known, noise, memory)
     if known is not None:
-        model = with_known(model, known, noise if start == "noise" else None)
-    x = stepper(model, initial_state(start, lr_latent, noise), sigmas, callback)
-    return x if known is None else known.impose(x, 0.0, noise)
+        estimate = known.put(lr_latent, known.values)
+    x = stepper(with_feedback(denoise, lr_latent, estimate), initial_state(start, lr_latent, noise), sigmas, callback)
+    return x if known is None else known.put(x, known.values)
 
 
 def seeded_noise(shape, seed):
