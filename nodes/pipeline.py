@@ -5,6 +5,7 @@ run the same code."""
 import comfy.model_management
 
 from .backbone import backbone_signature, find_attachment, make_denoiser
+from .core.adapter import remember
 from .core.backbones import family
 from .core.dit_tiling import default_overlap, latent_tiling, patch_multiple, tiled_denoiser, training_tile
 from .core.geometry import WAN_PATCH
@@ -71,7 +72,6 @@ def adapter_memory(model):
     memory of earlier chunks (no adapter, or one without memory: every file made before the memory existed)."""
     attachment = find_attachment(model)
     adapter = None if attachment is None else attachment.adapter_patcher.model
-    if adapter is None or not getattr(adapter.config, "memory", False):
+    if adapter is None or not adapter.config.memory:
         return None
-    from .core.adapter import remember  # only adapters with memory have it; it comes with them
-    return lambda memory, clean: remember(memory, clean, adapter)
+    return remember

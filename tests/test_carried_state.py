@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfyui_litevsr.nodes.backbone import attach_adapter, backbone_signature, make_denoiser
-from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter
+from comfyui_litevsr.nodes.core.adapter import AdapterConfig, StateAwareAdapter, remember
 from comfyui_litevsr.nodes.core.backbones import families, family
 from comfyui_litevsr.nodes.core.sampling import Carried, euler_step, flow_sigmas, sample_vsr, video_noise
 from comfyui_litevsr.nodes.core.stream import carried_frames
@@ -95,7 +95,7 @@ def test_per_frame_timesteps_reach_the_dit(tmp_path, family_id, mode):
     seen = []
     features = adapter.features
 
-    def spy(lr_latent, estimate, timestep, **memory):  # memory= lands with the adapter's memory module
+    def spy(lr_latent, estimate, timestep, **memory):
         seen.append((timestep.clone(), memory.get("memory")))
         return features(lr_latent, estimate, timestep)
 
@@ -132,6 +132,6 @@ def test_per_frame_timesteps_reach_the_dit(tmp_path, family_id, mode):
     # outputs, so any difference is the timestep's; 5e-6 is far above float32 rounding of these O(1) values)
     assert moved > 5e-6 and own > moved
     assert [float(t) for t, _ in seen] == [1000 * sigma] * 2  # the adapter: the call's sigma, both calls
-    # what the streaming runner reads off the MODEL: the family's level, and no memory for an adapter without one
-    assert context_sigma(model) == level and adapter_memory(model) is None and adapter_memory(dit) is None
+    # what the streaming runner reads off the MODEL: the family's level, the adapter's remember (none without an adapter)
+    assert context_sigma(model) == level and adapter_memory(model) is remember and adapter_memory(dit) is None
     assert seen[0][1] is not None and torch.equal(seen[0][1], memory) and seen[1][1] is None

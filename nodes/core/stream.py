@@ -77,11 +77,17 @@ def carries_state(chunks, index, segment_chunks=0):
     return not (segment_chunks and index % segment_chunks == 0)
 
 
+def fresh_latents(latents, known):
+    """A finished chunk's latents that the previous chunk did not already give: past its known frames, and past
+    the anchor latent 0, which re-codes the first shared pixel frame (so the memory takes every frame once)."""
+    return latents if known is None else latents[:, :, max(known.frames) + 1:]
+
+
 def process_chunks(chunks, indices, chunk_frames, process, on_chunk=None, segment_chunks=0, remember=None):
     """Yields `(index, hr_frames)` for the chunks `indices` (consecutive, in order) of `chunks`, running
     `process(frames, first_frame, known, memory) -> (hr_frames, clean_latents)` on the LR frames `chunk_frames`
     yields for them. Where `carries_state` says so, a chunk gets the previous chunk's latents over the shared frames
-    as known frames and the running memory `remember(memory, clean_latents)` made of the chunks before (from None
+    as known frames and the running memory `remember(memory, fresh_latents(...))` of the chunks before (from None
     at each restart; `remember=None`: the adapter keeps no memory, only known frames are carried)."""
     previous = memory = None
     for index, frames in zip(indices, chunk_frames):
@@ -94,7 +100,7 @@ def process_chunks(chunks, indices, chunk_frames, process, on_chunk=None, segmen
         hr_frames, latents = process(frames, chunk.start, known, memory)
         previous = (chunk, latents)
         if remember is not None:
-            memory = remember(memory, latents)
+            memory = remember(memory, fresh_latents(latents, known))
         if on_chunk is not None:
             on_chunk(index + 1, len(chunks))
         yield index, hr_frames
