@@ -73,11 +73,7 @@ class AdapterWrapper:
         adapter = self.adapter_patcher.model
         # The adapter reads the call's (the unknown frames') noise level; Wan2.2 may pass per-token timesteps.
         per_sample_t = timestep.reshape(x.shape[0], -1).amax(dim=1)
-        estimate = lr_latent if estimate is None else estimate
-        if memory is None:
-            features = adapter.features(lr_latent, estimate, per_sample_t)
-        else:
-            features = adapter.features(lr_latent, estimate, per_sample_t, memory=memory)
+        features = adapter.features(lr_latent, lr_latent if estimate is None else estimate, per_sample_t, memory=memory)
         transformer_options[KEY] = {"adapter": adapter, "features": features, "condition": None,
                                     "checkpoint": transformer_options.get(CHECKPOINT_KEY, False)}
         frame_timesteps = transformer_options.get(FRAME_TIMESTEPS_KEY)

@@ -95,8 +95,8 @@ def test_per_frame_timesteps_reach_the_dit(tmp_path, family_id, mode):
     seen = []
     features = adapter.features
 
-    def spy(lr_latent, estimate, timestep, **memory):
-        seen.append((timestep.clone(), memory.get("memory")))
+    def spy(lr_latent, estimate, timestep, memory=None):
+        seen.append((timestep.clone(), memory))
         return features(lr_latent, estimate, timestep)
 
     adapter.features = spy
@@ -132,6 +132,6 @@ def test_per_frame_timesteps_reach_the_dit(tmp_path, family_id, mode):
     # outputs, so any difference is the timestep's; 5e-6 is far above float32 rounding of these O(1) values)
     assert moved > 5e-6 and own > moved
     assert [float(t) for t, _ in seen] == [1000 * sigma] * 2  # the adapter: the call's sigma, both calls
-    # what the streaming runner reads off the MODEL: the family's level, the adapter's remember (none without an adapter)
+    # what the streaming runner reads off the MODEL: the family's level, the adapter's remember (none: no adapter)
     assert context_sigma(model) == level and adapter_memory(model) is remember and adapter_memory(dit) is None
     assert seen[0][1] is not None and torch.equal(seen[0][1], memory) and seen[1][1] is None

@@ -200,7 +200,8 @@ def tiled_denoiser(denoise, tile, overlap=None, multiple=2, on_tile=None):
     `tile`/`overlap`: latent units, an int or (height, width); `overlap=None` takes `default_overlap`.
     `multiple`: tile alignment, the DiT patch (`patch_multiple(signature)`). Passing the adapter's window in
     latent units instead (patch x window, 16 by default) also puts the adapter's local windows on the
-    untiled window grid (windows cut by a tile edge still differ). `on_tile(done, total)` runs after every tile call (progress, interruption).
+    untiled window grid (windows cut by a tile edge still differ). `on_tile(done, total)` runs after every tile
+    call (progress, interruption).
 
     A latent that fits in one tile is passed to `denoise` whole and its result returned as is (same object).
     The blended x0 has the dtype and device of the first tile's output.
