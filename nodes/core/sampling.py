@@ -44,9 +44,10 @@ def flow_sigmas(steps, shift, start_sigma=1.0):
 
 
 def euler_step(x, x0, sigma, sigma_next):
-    if sigma_next == 0:
-        return x0  # exactly the clean estimate, not x0 plus rounding
-    return x + (sigma_next - sigma) * (x - x0) / sigma
+    """x at sigma_next. sigma, sigma_next: numbers, or per-sample tensors broadcasting over x (the trainer's unrolls,
+    one sigma per sample). A step to sigma 0 gives exactly the clean estimate, not x0 plus rounding."""
+    x_next = x + (sigma_next - sigma) * (x - x0) / sigma
+    return torch.where(torch.as_tensor(sigma_next == 0, device=x.device), x0, x_next)
 
 
 def initial_state(start, lr_latent, noise):
