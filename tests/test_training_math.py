@@ -1,5 +1,5 @@
-"""The training objective's pieces, without ComfyUI: timestep sampling, the adaptive unrolling schedule, the clamped
-sigma^-2 weighting, the velocity loss and its feedback unrolls, and the sample layout across processes."""
+"""The training objective's pieces, without ComfyUI: timestep sampling, the adaptive unrolling schedule, the loss
+weighting on the clean-latent error, the feedback unrolls, and the sample layout across processes."""
 import pytest
 import torch
 
@@ -46,15 +46,20 @@ class Recorder:
         return self.x0 + 0 * x
 
 
-def test_velocity_loss_is_zero_for_the_true_clean_latent_and_weighted_otherwise():
+@pytest.mark.parametrize("weighting,max_weight,expected", [
+    ("litevsr", 100.0, lambda s: min(s ** -2, 100.0)), ("litevsr", 10.0, lambda s: min(s ** -2, 10.0)),
+    ("none", 100.0, lambda s: 1.0)])
+def test_effective_weight_on_the_clean_latent_error(weighting, max_weight, expected):
+    """A denoiser off the HR latent by delta: loss / mean(delta^2) is w(sigma) exactly (sigma^-2, clamped, or 1),
+    whatever the unrolls did before the trained call. sigma 0.05 and 0.2 lie past the clamp at 100 and at 10."""
     gen = torch.Generator().manual_seed(1)
-    hr, lr, noise = (torch.randn(2, 4, 2, 4, 4, generator=gen) for _ in range(3))
-    sigma = torch.tensor([0.3, 0.9])
-    config = TrainConfig(max_unrolls=1)
-    assert velocity_loss(Recorder(hr), hr, lr, noise, sigma, config).abs().max() < 1e-10
-    off = velocity_loss(Recorder(hr + 0.1), hr, lr, noise, sigma, config)
-    # x0 off by 0.1 everywhere: v_hat - v = -0.1 / sigma, squared and weighted by sigma^-2
-    assert off.tolist() == pytest.approx((0.01 / sigma**2 / sigma**2).tolist(), rel=1e-4)
+    hr, lr, noise, delta = (torch.randn(5, 4, 2, 4, 4, generator=gen) for _ in range(4))
+    config = TrainConfig(max_unrolls=3, loss_weighting=weighting, max_loss_weight=max_weight)
+    sigma = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.05])
+    loss = velocity_loss(lambda x, s, lr, estimate: hr + delta, hr, lr, noise, sigma, config)
+    effective = loss / delta.pow(2).flatten(1).mean(dim=1)
+    assert effective.tolist() == pytest.approx([expected(float(s)) for s in sigma], rel=1e-5)
+    assert velocity_loss(lambda x, s, lr, estimate: hr, hr, lr, noise, sigma, config).abs().max() == 0
 
 
 def test_unrolls_feed_each_clean_estimate_back_per_sample():

@@ -1,9 +1,11 @@
 """Training the State-Aware Adapter on a frozen backbone (pure torch; the model call comes in as a function).
 
-Objective (the LiteVSR paper's, in ComfyUI's Wan flow convention, sigma = t):
-  z_sigma = sigma * noise + (1 - sigma) * z0           z0: HR latent, noise: N(0, 1)
-  target  v = noise - z0,  prediction v_hat = (z_sigma - x0_hat) / sigma   (the model returns x0_hat)
-  loss    = w(sigma) * mean (v_hat - v)^2,  w = min(sigma^-2, max_loss_weight)   (LiteVSR's sigma^-2, clamped)
+Objective, in ComfyUI's Wan flow convention (sigma = t, the model returns its clean estimate x0_hat):
+  loss = w(sigma) * mean |x0_hat - z0|^2        z0: HR latent
+  w    = min(sigma^-2, max_loss_weight)  ("litevsr"),   1  ("none")
+On the straight path z_sigma = sigma * noise + (1 - sigma) * z0 the velocity error (z_sigma - x0_hat)/sigma -
+(noise - z0) is (z0 - x0_hat)/sigma, so "litevsr" is the plain flow-matching velocity MSE the backbone was trained
+with, clamped so that sigma -> 0 cannot dominate.
 Adaptive trajectory unrolling: the refinement stream starts at the LR latent; M(sigma) - 1 gradient-free model
 calls feed their clean estimates back before the one call that is trained, with
   M(sigma) = round(1 + s (1 - sigma) / (1 + (s - 1)(1 - sigma)) * (M_max - 1)),  s = 5,
@@ -29,7 +31,7 @@ from .frames import resize_frames
 
 TIMESTEP_SAMPLING = ("shifted", "logit_normal", "uniform")
 LOSS_WEIGHTINGS = ("litevsr", "none")
-SIGMA_MIN = 1e-3  # sigma = 0 has no velocity to learn (v_hat divides by sigma)
+SIGMA_MIN = 1e-3  # sigma = 0 is the clean latent itself: nothing left to denoise
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1  # seed streams: validation samples never collide with training samples
 
 
@@ -47,7 +49,7 @@ class TrainConfig:
     max_unrolls: int = 3  # M_max of the adaptive unrolling schedule; 1 = no feedback unrolls
     unroll_shift: float = 5.0  # s of the schedule
     loss_weighting: str = "litevsr"
-    max_loss_weight: float = 100.0  # clamp of sigma^-2 (= a sigma floor of 0.1)
+    max_loss_weight: float = 100.0  # clamp of w = sigma^-2 on the clean-latent error (= a sigma floor of 0.1)
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     seed: int = 0
 
@@ -84,6 +86,7 @@ def unroll_count(sigma, max_unrolls, s=5.0):
 
 
 def loss_weight(sigma, config):
+    """w(sigma) on the clean-latent error: the one weighting of the loss (the module docstring says why)."""
     if config.loss_weighting == "none":
         return torch.ones_like(sigma)
     return sigma.pow(-2).clamp(max=config.max_loss_weight)
@@ -108,12 +111,12 @@ def unrolled_denoise(denoise, noisy, lr_latent, sigma, config):
 
 
 def velocity_loss(denoise, hr_latent, lr_latent, noise, sigma, config):
-    """Weighted velocity error per sample `[B]`: the default objective."""
+    """w(sigma) * mean |x0_hat - z0|^2 per sample `[B]`: the default objective (with "litevsr" weighting, the
+    flow-matching velocity MSE; see the module docstring)."""
     s = _per_sample(sigma, hr_latent).to(hr_latent.dtype)
-    noisy = s * noise + (1 - s) * hr_latent
-    predicted = unrolled_denoise(denoise, noisy, lr_latent, sigma, config).float()
-    velocity_error = (noisy - predicted) / s - (noise - hr_latent)
-    return loss_weight(sigma, config).to(velocity_error.device) * velocity_error.pow(2).flatten(1).mean(dim=1)
+    predicted = unrolled_denoise(denoise, s * noise + (1 - s) * hr_latent, lr_latent, sigma, config).float()
+    clean_error = (predicted - hr_latent.float()).pow(2).flatten(1).mean(dim=1)
+    return loss_weight(sigma, config).to(clean_error.device) * clean_error
 
 
 # --- samples ------------------------------------------------------------------------------------------------------
