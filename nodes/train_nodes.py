@@ -307,6 +307,15 @@ class LiteVSRTrainAdapter(io.ComfyNode):
                 io.Float.Input("start_sigma", default=TRAIN_DEFAULTS.start_sigma, min=0.01, max=1.0, step=0.01,
                                optional=True, tooltip="Only for start = lr_latent: the noise level the LR latent "
                                                       "is taken as; training noise levels are drawn below it."),
+                io.Int.Input("segments", default=TRAIN_DEFAULTS.segments, min=1, max=2, optional=True,
+                             tooltip="2: each clip is cut into two consecutive segments and the second is trained as "
+                                     "a long video's next chunk, given the first's finished frames (known frames) "
+                                     "and its memory, as 'Upscale Video File' runs chunks; trains the adapter's "
+                                     "memory of earlier chunks. Needs clips of at least segment_overlap + 2 latent "
+                                     "frames; costs one more gradient-free pass over the first segment."),
+                io.Int.Input("segment_overlap", default=TRAIN_DEFAULTS.segment_overlap, min=1, max=16,
+                             optional=True, tooltip="With segments = 2: latent frames the two segments share (2 = "
+                                                    "8 video frames, the streaming default overlap)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The backbone with the trained adapter attached."),

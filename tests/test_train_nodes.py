@@ -80,19 +80,21 @@ def test_distil_node_offers_every_distillation_setting_and_the_train_nodes_run_s
         assert distil[field.name].default == field.default, field.name
     train = [spec.id for spec in LiteVSRTrainAdapter.define_schema().inputs]
     objective_only = {"adapter", "injection", "rank", "max_unrolls", "loss_weighting", "max_loss_weight", "start",
-                      "start_sigma"}
+                      "start_sigma", "segments", "segment_overlap"}
     assert [name for name in train if name not in objective_only] == [name for name in distil if name in train]
     assert "teacher" in distil and objective_only.isdisjoint(distil)
 
 
-def test_train_node_start_widgets_come_last_and_go_into_the_adapter_metadata():
-    """`start`/`start_sigma` follow every older widget and are optional with TrainConfig's defaults (saved workflows
-    keep their widget order, saved API prompts stay valid); the saved adapter's train_config records them."""
-    *_, start, start_sigma = LiteVSRTrainAdapter.define_schema().inputs
-    assert (start.id, start_sigma.id) == ("start", "start_sigma") and start.optional and start_sigma.optional
-    assert start.options == list(START_MODES)
-    assert (start.default, start_sigma.default) == (TrainConfig().start, TrainConfig().start_sigma)
-    config = TrainConfig(start="lr_latent", start_sigma=0.3)
+def test_train_node_start_and_segment_widgets_come_last_and_go_into_the_adapter_metadata():
+    """`start`/`start_sigma` and `segments`/`segment_overlap` follow every older widget and are optional with
+    TrainConfig's defaults (saved workflows keep their widget order, saved API prompts stay valid); the saved
+    adapter's train_config records them."""
+    *_, start, start_sigma, segments, overlap = LiteVSRTrainAdapter.define_schema().inputs
+    newer = (start, start_sigma, segments, overlap)
+    assert [spec.id for spec in newer] == ["start", "start_sigma", "segments", "segment_overlap"]
+    assert all(spec.optional for spec in newer) and start.options == list(START_MODES)
+    assert [spec.default for spec in newer] == [getattr(TrainConfig(), spec.id) for spec in newer]
+    config = TrainConfig(start="lr_latent", start_sigma=0.3, segments=2, segment_overlap=1)
     metadata = trained_adapter(config, SimpleNamespace(adapter=None, context=None))["metadata"]
     recorded = json.loads(metadata["train_config"])
-    assert (recorded["start"], recorded["start_sigma"]) == ("lr_latent", 0.3)
+    assert [recorded[spec.id] for spec in newer] == ["lr_latent", 0.3, 2, 1]

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from comfyui_litevsr.nodes.core.degrade import DegradationConfig, with_overrides
-from comfyui_litevsr.nodes.core.sampling import flow_sigmas, sample_vsr, shift_sigma, unshift_sigma
-from comfyui_litevsr.nodes.core.training import (SIGMA_MIN, TrainConfig, global_indices, loss_weight, sample_sigma,
-                                                  unroll_count, unroll_sigmas, velocity_loss)
+from comfyui_litevsr.nodes.core.adapter import remember
+from comfyui_litevsr.nodes.core.sampling import (Carried, KnownFrames, flow_sigmas, sample_vsr, shift_sigma,
+                                                  unshift_sigma)
+from comfyui_litevsr.nodes.core.training import (SIGMA_MIN, SegmentCarry, TrainConfig, global_indices, loss_weight,
+                                                  sample_sigma, two_segments, unroll_count, unroll_sigmas,
+                                                  velocity_loss)
 
 
 def test_unroll_schedule_matches_the_method_table():
@@ -144,3 +147,51 @@ def test_degradation_overrides_set_any_range_and_refuse_unknown_names():
         with_overrides("standard", {"stage3": {}})
     with pytest.raises(ValueError, match="takes a list"):
         with_overrides("standard", {"final": {"bitrate": 5}})
+
+
+class CarriedTrajectory(Trajectory):
+    """Trajectory's denoiser that also reads the carried state, as the DiT with the adapter does: each frame sees its
+    temporal neighbour (so known frames matter), the per-frame levels and the memory; records them."""
+
+    def __call__(self, x, sigma, lr, estimate, carried=None):
+        self.calls.append((x.clone(), torch.as_tensor(sigma).clone(), estimate.clone(),
+                           carried.frame_sigmas.clone(), carried.memory.clone()))
+        levels = carried.frame_sigmas.to(x).reshape(x.shape[0] if carried.frame_sigmas.ndim == 2 else 1, 1, -1, 1, 1)
+        neighbour = torch.roll(x, 1, dims=2)
+        return x - levels * torch.tanh(x + 0.5 * estimate - lr + 0.3 * neighbour) + 0.1 * carried.memory.mean(2, True)
+
+
+def test_the_second_segment_trains_as_the_next_chunk_of_a_long_video():
+    """segments = 2: the trained call of the second segment (sigma 1, one call) gets exactly what the sampler's
+    first call on the next chunk gets when the first segment was the chunk before (stream.process_chunks: the
+    first's one-step finish as known frames at the context level, remember(None, finished) as memory), and the loss
+    is w(1) * mean |x0_hat - z0|^2 over the frames the first segment did not finish."""
+    gen = torch.Generator().manual_seed(5)
+    hr, lr, noise = (torch.randn(1, 4, 7, 4, 4, generator=gen) for _ in range(3))
+    config = TrainConfig(segments=2, segment_overlap=2)
+    carry = SegmentCarry(context_sigma=0.02, remember=remember)
+    first, trainer = Trajectory(), CarriedTrajectory()
+
+    def denoise(x, sigma, lr_latent, estimate, carried=None):
+        if carried is None:  # the first segment: nothing carried into it
+            return first(x, sigma, lr_latent, estimate)
+        return trainer(x, sigma, lr_latent, estimate, carried)
+
+    loss = velocity_loss(denoise, hr, lr, noise, torch.tensor([1.0]), config, carry)
+
+    (first_lr, second_lr), (first_noise, second_noise) = two_segments(lr, 2), two_segments(noise, 2)
+    assert first_lr.shape[2] == 5 and second_lr.shape[2] == 4  # 7 frames: 0-4 and 3-6, sharing 3 and 4
+    finished = sample_vsr(Trajectory(), first_lr, first_noise, flow_sigmas(1, config.shift))
+    known = KnownFrames((0, 1), finished[:, :, -2:], 0.02)
+    sampler = CarriedTrajectory()
+    sample_vsr(sampler, second_lr, second_noise, flow_sigmas(1, config.shift), known=known,
+               memory=remember(None, finished))
+    assert len(trainer.calls) == len(sampler.calls) == 1
+    for ours, theirs in zip(trainer.calls[0], sampler.calls[0]):
+        assert torch.allclose(ours.float(), theirs.float(), atol=TOLERANCE, rtol=0)
+    x, _, estimate, levels, _ = sampler.calls[0]
+    x0_hat = CarriedTrajectory()(x, 1.0, second_lr, estimate, Carried(levels, remember(None, finished)))
+    fresh_error = (x0_hat - two_segments(hr, 2)[1])[:, :, 2:].pow(2).mean()
+    assert float(loss) == pytest.approx(float(fresh_error), rel=1e-5)  # w(1) = 1, known frames left out
+    with pytest.raises(ValueError, match="segment_overlap"):
+        velocity_loss(denoise, hr[:, :, :3], lr[:, :, :3], noise[:, :, :3], torch.tensor([1.0]), config, carry)

@@ -124,6 +124,8 @@ def parse_args(argv=None):
         ap.error("--teacher: the student starts as the teacher; leave out --init-adapter")
     if args.teacher and args.start != "noise":
         ap.error("--teacher: the one-step student starts from noise; leave out --start")
+    if args.teacher and args.segments != 1:
+        ap.error("--teacher: distillation trains one-step clips; leave out --segments")
     try:
         distill_config(args, comfy_env.core_module("distill"))
     except ValueError as invalid:
@@ -143,7 +145,8 @@ def parse_args(argv=None):
 
 
 def add_start_arguments(ap):
-    """--start and --start-sigma: the sampler's start the adapter is trained for (names and defaults from core)."""
+    """--start, --start-sigma: the sampler's start the adapter is trained for; --segments, --segment-overlap: whether
+    it trains as a long video's next chunk (names and defaults from core)."""
     training = comfy_env.core_module("training")  # before ComfyUI: see comfy_env.core_module
     defaults = training.TrainConfig()
     ap.add_argument("--start", default=defaults.start, choices=training.START_MODES,
@@ -152,6 +155,12 @@ def add_start_arguments(ap):
     ap.add_argument("--start-sigma", type=float, default=defaults.start_sigma,
                     help="with --start lr_latent: the noise level the LR latent is taken as; training sigmas are "
                          f"drawn below it (default {defaults.start_sigma}, the sampler's)")
+    ap.add_argument("--segments", type=int, default=defaults.segments, choices=(1, 2),
+                    help="2: each clip is two consecutive segments, the second trained as a long video's next chunk "
+                         "(the first's finished frames as known frames, its memory); trains the adapter's memory "
+                         f"of earlier chunks (default {defaults.segments})")
+    ap.add_argument("--segment-overlap", type=int, default=defaults.segment_overlap,
+                    help=f"with --segments 2: latent frames the segments share (default {defaults.segment_overlap})")
 
 
 def add_distill_arguments(ap):
@@ -182,7 +191,8 @@ def train_config(args):
                        batch_size=args.batch_size, grad_accumulation=args.grad_accumulation,
                        timestep_sampling=args.timestep_sampling, shift=args.shift, max_unrolls=args.max_unrolls,
                        loss_weighting=args.loss_weighting, max_loss_weight=args.max_loss_weight,
-                       grad_clip=args.grad_clip, seed=args.seed, start=args.start, start_sigma=args.start_sigma)
+                       grad_clip=args.grad_clip, seed=args.seed, start=args.start, start_sigma=args.start_sigma,
+                       segments=args.segments, segment_overlap=args.segment_overlap)
 
 
 def run_description(args):

@@ -107,9 +107,11 @@ class KnownFrames:
         return self.sigma * noise[:, :, list(self.frames)].to(self.values) + (1 - self.sigma) * self.values
 
     def frame_sigmas(self, frames, sigma):
-        """[frames]: the context level on the known frames, the step's sigma on the others."""
-        sigmas = torch.full((frames,), float(sigma))
-        sigmas[list(self.frames)] = self.sigma
+        """The context level on the known frames, the step's sigma on the others: [frames] for a number, [B, frames]
+        for one sigma per sample (the trainer's)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).cpu()
+        sigmas = sigma[..., None].repeat(*([1] * sigma.ndim), frames)
+        sigmas[..., list(self.frames)] = self.sigma
         return sigmas
 
 

@@ -23,16 +23,18 @@ Every random choice of a sample (clip, crop, degradation, noise, sigma) is a pur
 index), and sample indices are laid out so that K processes with batch B/K draw the same global batch as one
 process with batch B: resuming, or changing the number of processes, does not change what is trained on.
 """
+import functools
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from .degrade import apply_degradation, sample_degradation
 from .frames import resize_frames
-from .sampling import (LR_LATENT_START_SIGMA, START_MODES, euler_step, first_sigma, initial_state, shift_sigma,
-                       unshift_sigma)
+from .sampling import (LR_LATENT_START_SIGMA, START_MODES, KnownFrames, euler_step, first_sigma, flow_sigmas,
+                       initial_state, sample_vsr, shift_sigma, unshift_sigma, with_carried)
 
 TIMESTEP_SAMPLING = ("shifted", "logit_normal", "uniform")
 LOSS_WEIGHTINGS = ("litevsr", "none")
@@ -59,6 +61,8 @@ class TrainConfig:
     seed: int = 0
     start: str = "noise"  # the sampler's start this trains for (sampling.START_MODES)
     start_sigma: float = LR_LATENT_START_SIGMA  # for start "lr_latent": the noise level the LR latent is taken as
+    segments: int = 1  # 2: each clip is two consecutive segments, the second trained with what the first finished
+    segment_overlap: int = 2  # latent frames the two segments share (a long video's chunk overlap: 8 frames = 2)
 
     def __post_init__(self):
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
@@ -71,6 +75,9 @@ class TrainConfig:
             raise ValueError(f"start_sigma must be in ({SIGMA_MIN}, 1], got {self.start_sigma}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1 or self.max_unrolls < 1:
             raise ValueError("steps, batch_size, grad_accumulation and max_unrolls must each be at least 1")
+        if self.segments not in (1, 2) or self.segment_overlap < 1:
+            raise ValueError(f"segments must be 1 or 2 and segment_overlap at least 1, got {self.segments} and "
+                             f"{self.segment_overlap}")
 
     def to_dict(self):
         return asdict(self)
@@ -151,24 +158,74 @@ def feedback_steps(denoise, x, lr_latent, estimate, sigmas):
     return x, estimate
 
 
-def unrolled_denoise(denoise, hr_latent, lr_latent, noise, sigma, config):
+def unrolled_denoise(denoise, hr_latent, lr_latent, noise, sigma, config, estimate=None):
     """x0_hat of the trained call at `sigma`, at the end of its inference trajectory: the state enters at the first
     of M(sigma) sigmas (unroll_sigmas), M - 1 gradient-free feedback steps bring it to sigma, and the last call sees
-    the previous step's estimate (the LR latent for M = 1). Gradients reach the adapter through this call only."""
+    the previous step's estimate (the first call sees `estimate`, by default the LR latent). Gradients reach the
+    adapter through this call only."""
     start = config.first_sigma
     calls = unroll_count(sigma / start, config.max_unrolls, config.unroll_shift)
     sigmas = unroll_sigmas(sigma, calls, start, config.shift)
     x = entry_state(initial_state(config.start, lr_latent, noise), hr_latent, sigmas[:, 0], start)
-    x, estimate = feedback_steps(denoise, x, lr_latent, lr_latent, sigmas)
+    x, estimate = feedback_steps(denoise, x, lr_latent, lr_latent if estimate is None else estimate, sigmas)
     return denoise(x, sigma, lr_latent, estimate)
 
 
-def velocity_loss(denoise, hr_latent, lr_latent, noise, sigma, config):
+def two_segments(latent, overlap):
+    """(first, second) of latents [B, C, T, ...] cut into two consecutive segments that share `overlap` frames, as
+    a long video's chunks do: the second starts `overlap` frames before the first ends."""
+    frames = latent.shape[2]
+    if frames < overlap + 2:
+        raise ValueError(f"two segments sharing {overlap} latent frames need clips of at least {overlap + 2} latent "
+                         f"frames, got {frames}: use longer clips (clip_frames) or a smaller segment_overlap")
+    first_end = (frames + overlap + 1) // 2
+    return latent[:, :, :first_end], latent[:, :, first_end - overlap:]
+
+
+@dataclass(frozen=True)
+class SegmentCarry:
+    """How a long video hands state from chunk to chunk, for training the second of two segments as its next chunk:
+    known frames shown at the backbone family's `context_sigma`, and the adapter's `remember` rule (None: the
+    adapter keeps no memory)."""
+
+    context_sigma: float
+    remember: Optional[Callable] = None
+
+    def second_segment(self, denoise, hr_latent, lr_latent, noise, config):
+        """(denoise, hr, lr, noise, first estimate) of the second segment: the first is upscaled gradient-free in
+        one step (the sampler's default) as the previous chunk, its finished latents over the overlap become the
+        second's known frames and its memory the second's, exactly as stream.process_chunks carries them."""
+        overlap = config.segment_overlap
+        (first_lr, lr_latent), (first_noise, noise) = two_segments(lr_latent, overlap), two_segments(noise, overlap)
+        with torch.no_grad():
+            finished = sample_vsr(denoise, first_lr, first_noise, flow_sigmas(1, config.shift, config.first_sigma),
+                                  config.start)
+        known = KnownFrames(tuple(range(overlap)), finished[:, :, -overlap:], self.context_sigma)
+        memory = None if self.remember is None else self.remember(None, finished)
+        return (with_carried(denoise, known, noise, memory), two_segments(hr_latent, overlap)[1], lr_latent, noise,
+                known.put(lr_latent, known.values))
+
+
+def velocity_loss(denoise, hr_latent, lr_latent, noise, sigma, config, carry=None):
     """w(sigma) * mean |x0_hat - z0|^2 per sample `[B]`: the default objective (with "litevsr" weighting, the
-    flow-matching velocity MSE; see the module docstring)."""
-    predicted = unrolled_denoise(denoise, hr_latent, lr_latent, noise, sigma, config).float()
-    clean_error = (predicted - hr_latent.float()).pow(2).flatten(1).mean(dim=1)
+    flow-matching velocity MSE; see the module docstring). With `carry` (config.segments = 2) the loss is the
+    second segment's, over the frames the first did not finish."""
+    estimate, fresh = None, 0
+    if carry is not None:
+        denoise, hr_latent, lr_latent, noise, estimate = carry.second_segment(denoise, hr_latent, lr_latent, noise,
+                                                                              config)
+        fresh = config.segment_overlap
+    predicted = unrolled_denoise(denoise, hr_latent, lr_latent, noise, sigma, config, estimate).float()
+    clean_error = (predicted - hr_latent.float())[:, :, fresh:].pow(2).flatten(1).mean(dim=1)
     return loss_weight(sigma, config).to(clean_error.device) * clean_error
+
+
+def segment_objective(objective, carry):
+    """The objective of config.segments = 2: the velocity loss of the second segment given `carry`."""
+    if objective is not velocity_loss:
+        raise ValueError("training on two segments is for the velocity loss; distillation trains one-step clips: "
+                         "set segments to 1")
+    return functools.partial(velocity_loss, carry=carry)
 
 
 # --- samples ------------------------------------------------------------------------------------------------------
