@@ -16,7 +16,7 @@ from .backbone import backbone_signature
 from .core.adapter_file import save_adapter
 from .core.dataset import VideoClipDataset
 from .core.degrade import PRESETS, degrade_clip, with_overrides
-from .core.sampling import flow_sigmas, sample_vsr
+from .core.sampling import START_MODES, flow_sigmas, sample_vsr
 from .core.training import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, TrainConfig, velocity_loss
 from .extension_paths import ADAPTER_FOLDER, TRAINING_OUTPUT
 from .model_nodes import adapter_choice_inputs, context_inputs
@@ -27,6 +27,7 @@ DATASET = io.Custom("LITEVSR_DATASET")
 DEGRADATION = io.Custom("LITEVSR_DEGRADATION")
 ADAPTER = io.Custom("LITEVSR_ADAPTER")
 LOSS_MAP = io.Custom("LOSS_MAP")  # the type core 'Plot Loss Graph' reads: {"loss": [float, ...]}
+TRAIN_DEFAULTS = TrainConfig()
 
 
 def resolve_folder(folder):
@@ -134,9 +135,9 @@ class _ProgressHooks(Hooks):
     and a preview (LR | output | HR, middle frame) at each validation. The step loss is not also sent as progress
     text: the editor would show it twice."""
 
-    def __init__(self, steps, node_id, model, vae, shift, summary=None):
-        self.progress = comfy.utils.ProgressBar(steps)
-        self.node_id, self.model, self.vae, self.shift = node_id, model, vae, shift
+    def __init__(self, config, node_id, model, vae, summary=None):
+        self.progress = comfy.utils.ProgressBar(config.steps)
+        self.node_id, self.model, self.vae, self.config = node_id, model, vae, config
         self.summary = summary or {}  # the run's settings, for the front end's status line
         self.eta = Eta()  # from the first step of this run (resumed steps and the first validation excluded)
         self.validation_loss = None
@@ -161,7 +162,8 @@ class _ProgressHooks(Hooks):
         device = self.model.load_device
         with torch.no_grad():
             lr, hr = sample.lr_latent.to(device), sample.hr_latent.to(device)
-            output = sample_vsr(denoise, lr, sample.noise.to(device), flow_sigmas(1, self.shift))
+            output = sample_vsr(denoise, lr, sample.noise.to(device),
+                                flow_sigmas(1, self.config.shift, self.config.first_sigma), self.config.start)
             decode = self.model.model.process_latent_out
             rows = [self.vae.decode(decode(z.float().cpu()))[0] for z in (lr, output, hr)]
         middle = rows[0].shape[0] // 2
@@ -180,7 +182,9 @@ def timestep_inputs(sampling_tooltip, shift_tooltip):
 def training_inputs(start, objective):
     """The inputs of a training node (Train, Distil), in the order saved workflows hold their widgets: the frozen
     models and the data, `start` (what the adapter starts from), the optimizer's batch, `objective` (the loss's
-    own settings), then the run's optimizer, precision, checkpoint and validation settings and the text context."""
+    own settings), then the run's optimizer, precision, checkpoint and validation settings and the text context.
+    A widget added later goes after all of these, optional with a default, so saved workflows keep their order and
+    saved API prompts stay valid."""
     return [
         io.Model.Input("model", tooltip="The frozen Wan DiT (Load Diffusion Model)."),
         io.Vae.Input("vae", tooltip="The matching Wan VAE; it encodes HR and LR clips every step."),
@@ -226,16 +230,16 @@ def training_inputs(start, objective):
     ]
 
 
-def run_training(node_id, model, vae, dataset, degradation, start, run_name, checkpoint_every, resume,
+def run_training(node_id, model, vae, dataset, degradation, initial, run_name, checkpoint_every, resume,
                  validation_every, gradient_checkpointing, precision, validation_dataset=None, conditioning=None,
                  text_encoder=None, objective=velocity_loss, run_metadata=None, **config):
-    """(TrainConfig, RunResult) of a training node's run with the pack's progress hooks: `start` = (adapter module,
+    """(TrainConfig, RunResult) of a training node's run with the pack's progress hooks: `initial` = (adapter module,
     its stored text context or None), the run's context chosen by adapters.text_context, `config` the TrainConfig
     fields the node sets, checkpoints in output/litevsr_training/<run_name>/."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
         raise ValueError(f"run_name {run_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
     config = TrainConfig(**config)
-    adapter, stored = start
+    adapter, stored = initial
     context = text_context(backbone_signature(model), conditioning, text_encoder, stored)
     settings = RunSettings(
         checkpoint_dir=os.path.join(folder_paths.get_output_directory(), TRAINING_OUTPUT, run_name),
@@ -246,7 +250,7 @@ def run_training(node_id, model, vae, dataset, degradation, start, run_name, che
                "learning_rate": config.learning_rate, "clip_frames": getattr(dataset, "clip_frames", None),
                "crop": [getattr(dataset, "crop_width", None), getattr(dataset, "crop_height", None)],
                "scale": degradation["scale"], "precision": precision, "run_name": run_name}
-    hooks = _ProgressHooks(config.steps, node_id, model, vae, config.shift, summary)
+    hooks = _ProgressHooks(config, node_id, model, vae, summary)
     result = train_adapter(model, vae, dataset, degradation["config"], degradation["scale"], config, adapter,
                            context, settings, validation_dataset, hooks=hooks, objective=objective)
     return config, result
@@ -272,23 +276,47 @@ class LiteVSRTrainAdapter(io.ComfyNode):
             node_id="LiteVSRTrainAdapter",
             display_name="Train State-Aware Adapter (LiteVSR)",
             category="LiteVSR/training",
-            description="Trains only the LiteVSR adapter on the frozen Wan DiT and VAE (both unchanged): flow-"
-                        "matching velocity loss with LiteVSR's clamped sigma^-2 weighting and adaptive unrolling of "
-                        "the clean-estimate feedback, AdamW. Checkpoints (adapter + optimizer state) go to "
+            description="Trains only the LiteVSR adapter on the frozen Wan DiT and VAE (both unchanged): the "
+                        "clean-latent error weighted by LiteVSR's clamped sigma^-2 (the flow-matching velocity "
+                        "loss), with the clean-estimate feedback unrolled along the sampler's own trajectory from "
+                        "the chosen start, AdamW. Checkpoints (adapter + optimizer state) go to "
                         "output/litevsr_training/<run_name>/ and `resume` continues from the newest one exactly.",
-            inputs=training_inputs(
-                adapter_choice_inputs("Start from a fresh zero-initialised adapter, or fine-tune a file from "
-                                      "models/litevsr."),
-                [*timestep_inputs("shifted: uniform time pushed toward high noise by `shift` (as sampling); "
-                                  "logit_normal: sigmoid of N(0, 1); uniform.",
-                                  "Time shift for shifted sampling and the validation preview."),
-                 io.Int.Input("max_unrolls", default=3, min=1, max=8,
-                              tooltip="M_max of the adaptive unrolling schedule (s = 5): up to this many model "
-                                      "calls per sample near clean data, feeding each clean estimate back; 1 = off."),
-                 io.Combo.Input("loss_weighting", options=list(LOSS_WEIGHTINGS), default="litevsr",
-                                tooltip="litevsr: sigma^-2 (clamped at max_loss_weight); none: plain velocity MSE."),
-                 io.Float.Input("max_loss_weight", default=100.0, min=1.0, max=1e4, step=1.0,
-                                tooltip="Clamp of sigma^-2 (100 = no extra weight below sigma 0.1).")]),
+            inputs=[
+                *training_inputs(
+                    adapter_choice_inputs("Start from a fresh zero-initialised adapter, or fine-tune a file from "
+                                          "models/litevsr."),
+                    [*timestep_inputs("shifted: uniform time pushed toward high noise by `shift` (as sampling); "
+                                      "logit_normal: sigmoid of N(0, 1); uniform.",
+                                      "Time shift for shifted sampling, the spacing of the unrolled steps (as the "
+                                      "sampler's shift) and the validation preview."),
+                     io.Int.Input("max_unrolls", default=3, min=1, max=8,
+                                  tooltip="M_max of the adaptive unrolling schedule (s = 5): up to this many model "
+                                          "calls per sample along the sampler's trajectory (one near the start, "
+                                          "more near clean data), each feeding its clean estimate back; 1 = off."),
+                     io.Combo.Input("loss_weighting", options=list(LOSS_WEIGHTINGS), default="litevsr",
+                                    tooltip="Weight on the clean-latent error |x0_hat - z0|^2. litevsr: sigma^-2 "
+                                            "clamped at max_loss_weight (= the flow-matching velocity MSE); none: "
+                                            "1 (plain clean-latent MSE)."),
+                     io.Float.Input("max_loss_weight", default=100.0, min=1.0, max=1e4, step=1.0,
+                                    tooltip="Clamp of sigma^-2 (100 = no extra weight below sigma 0.1).")]),
+                io.Combo.Input("start", options=list(START_MODES), default=TRAIN_DEFAULTS.start, optional=True,
+                               tooltip="The sampler start this adapter is trained for. noise: from pure noise at "
+                                       "sigma 1 (the paper). lr_latent: the LR latent itself as the state at "
+                                       "start_sigma (InfVSR/DOVE style; sample with the same start and "
+                                       "start_sigma)."),
+                io.Float.Input("start_sigma", default=TRAIN_DEFAULTS.start_sigma, min=0.01, max=1.0, step=0.01,
+                               optional=True, tooltip="Only for start = lr_latent: the noise level the LR latent "
+                                                      "is taken as; training noise levels are drawn below it."),
+                io.Int.Input("segments", default=TRAIN_DEFAULTS.segments, min=1, max=2, optional=True,
+                             tooltip="2: each clip is cut into two consecutive segments and the second is trained as "
+                                     "a long video's next chunk, given the first's finished frames (known frames) "
+                                     "and its memory, as 'Upscale Video File' runs chunks; trains the adapter's "
+                                     "memory of earlier chunks. Needs clips of at least segment_overlap + 2 latent "
+                                     "frames; costs one more gradient-free pass over the first segment."),
+                io.Int.Input("segment_overlap", default=TRAIN_DEFAULTS.segment_overlap, min=1, max=16,
+                             optional=True, tooltip="With segments = 2: latent frames the two segments share (2 = "
+                                                    "8 video frames, the streaming default overlap)."),
+            ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The backbone with the trained adapter attached."),
                 ADAPTER.Output(display_name="adapter", tooltip="For 'Save Adapter (LiteVSR)'."),

@@ -18,8 +18,9 @@ from .adapters import text_context
 from .backbone import attach_adapter, backbone_signature, make_denoiser
 from .core.adapter import StateAwareAdapter
 from .core.checkpoint import load_checkpoint, resume_step, save_checkpoint
-from .core.training import AdapterTrainer, PairMaker, World, validation_loss, validation_set, velocity_loss
-from .pipeline import lr_encoder
+from .core.training import (AdapterTrainer, PairMaker, SegmentCarry, World, segment_objective, validation_loss,
+                            validation_set, velocity_loss)
+from .pipeline import adapter_memory, context_sigma, lr_encoder
 from .training_mode import TrainingUnsupported, comfy_training_mode
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -157,6 +158,8 @@ def train_adapter(model, vae, dataset, degradation, scale, config, adapter, cont
         denoise = make_denoiser(patched, gradient_checkpointing=settings.gradient_checkpointing)
         device = patched.load_device
         resident = [patched] + patched.get_nested_additional_models()
+        if config.segments == 2:
+            objective = segment_objective(objective, SegmentCarry(context_sigma(patched), adapter_memory(patched)))
         if hasattr(objective, "bind"):
             objective, more_resident = objective.bind(BoundRun(backbone, vae, context, torch.device(device),
                                                                config.seed, settings.gradient_checkpointing))

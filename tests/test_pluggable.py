@@ -110,8 +110,7 @@ def test_x0_objective_trains_the_adapter():
 
     def x0_loss(denoise, hr_latent, lr_latent, noise, sigma, config):
         calls.append(sigma)
-        s = sigma.to(hr_latent).reshape(-1, 1, 1, 1, 1)
-        predicted = unrolled_denoise(denoise, s * noise + (1 - s) * hr_latent, lr_latent, sigma, config)
+        predicted = unrolled_denoise(denoise, hr_latent, lr_latent, noise, sigma, config)
         return (predicted - hr_latent).pow(2).flatten(1).mean(dim=1)
 
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """The training nodes' own contracts, called in-process as ComfyUI calls them (under inference mode)."""
+import json
 from dataclasses import fields
 from types import SimpleNamespace
 
@@ -10,10 +11,12 @@ from comfyui_litevsr.nodes.adapters import new_adapter
 from comfyui_litevsr.nodes.core.adapter_file import read_adapter_config
 from comfyui_litevsr.nodes.core.degrade import degrade_clip, with_overrides
 from comfyui_litevsr.nodes.core.distill import DistillConfig
+from comfyui_litevsr.nodes.core.sampling import START_MODES
+from comfyui_litevsr.nodes.core.training import TrainConfig
 from comfyui_litevsr.nodes.distill_nodes import LiteVSRDistillAdapter
 from comfyui_litevsr.nodes.backbone import backbone_signature
 from comfyui_litevsr.nodes.train_nodes import (LiteVSRDegradation, LiteVSRSaveAdapter, LiteVSRTrainAdapter,
-                                               LiteVSRVideoDataset)
+                                               LiteVSRVideoDataset, trained_adapter)
 from comfyui_litevsr.nodes.training_run import train_adapter
 
 
@@ -76,6 +79,22 @@ def test_distil_node_offers_every_distillation_setting_and_the_train_nodes_run_s
     for field in fields(DistillConfig):  # every setting, with the objective's own default
         assert distil[field.name].default == field.default, field.name
     train = [spec.id for spec in LiteVSRTrainAdapter.define_schema().inputs]
-    objective_only = {"adapter", "injection", "rank", "max_unrolls", "loss_weighting", "max_loss_weight"}
+    objective_only = {"adapter", "injection", "rank", "max_unrolls", "loss_weighting", "max_loss_weight", "start",
+                      "start_sigma", "segments", "segment_overlap"}
     assert [name for name in train if name not in objective_only] == [name for name in distil if name in train]
     assert "teacher" in distil and objective_only.isdisjoint(distil)
+
+
+def test_train_node_start_and_segment_widgets_come_last_and_go_into_the_adapter_metadata():
+    """`start`/`start_sigma` and `segments`/`segment_overlap` follow every older widget and are optional with
+    TrainConfig's defaults (saved workflows keep their widget order, saved API prompts stay valid); the saved
+    adapter's train_config records them."""
+    *_, start, start_sigma, segments, overlap = LiteVSRTrainAdapter.define_schema().inputs
+    newer = (start, start_sigma, segments, overlap)
+    assert [spec.id for spec in newer] == ["start", "start_sigma", "segments", "segment_overlap"]
+    assert all(spec.optional for spec in newer) and start.options == list(START_MODES)
+    assert [spec.default for spec in newer] == [getattr(TrainConfig(), spec.id) for spec in newer]
+    config = TrainConfig(start="lr_latent", start_sigma=0.3, segments=2, segment_overlap=1)
+    metadata = trained_adapter(config, SimpleNamespace(adapter=None, context=None))["metadata"]
+    recorded = json.loads(metadata["train_config"])
+    assert [recorded[spec.id] for spec in newer] == ["lr_latent", 0.3, 2, 1]

@@ -1,11 +1,16 @@
-"""The training objective's pieces, without ComfyUI: timestep sampling, the adaptive unrolling schedule, the clamped
-sigma^-2 weighting, the velocity loss and its feedback unrolls, and the sample layout across processes."""
+"""The training objective's pieces, without ComfyUI: timestep sampling, the adaptive unrolling schedule, the loss
+weighting on the clean-latent error, the unrolls along the inference trajectory, and the sample layout across
+processes."""
 import pytest
 import torch
 
 from comfyui_litevsr.nodes.core.degrade import DegradationConfig, with_overrides
-from comfyui_litevsr.nodes.core.training import (SIGMA_MIN, TrainConfig, global_indices, loss_weight, sample_sigma,
-                                                  unroll_count, velocity_loss)
+from comfyui_litevsr.nodes.core.adapter import remember
+from comfyui_litevsr.nodes.core.sampling import (Carried, KnownFrames, flow_sigmas, sample_vsr, shift_sigma,
+                                                  unshift_sigma)
+from comfyui_litevsr.nodes.core.training import (SIGMA_MIN, SegmentCarry, TrainConfig, global_indices, loss_weight,
+                                                  sample_sigma, two_segments, unroll_count, unroll_sigmas,
+                                                  velocity_loss)
 
 
 def test_unroll_schedule_matches_the_method_table():
@@ -29,44 +34,98 @@ def test_timestep_sampling(method, expected_mean):
         assert float(((sigma > 0.25) & (sigma < 0.75)).float().mean()) > 0.6
 
 
+@pytest.mark.parametrize("method", ["uniform", "logit_normal", "shifted"])
+def test_lr_latent_start_draws_the_timestep_distribution_below_its_start_sigma(method):
+    """Training for start = lr_latent at 0.4 draws sigma from the same distribution conditioned on sigma <= 0.4:
+    its median is the distribution's quantile at half its mass below 0.4."""
+    config = TrainConfig(timestep_sampling=method, start="lr_latent", start_sigma=0.4)
+    sigma = sample_sigma(config, torch.Generator().manual_seed(0), 20000)
+    assert sigma.min() >= SIGMA_MIN and sigma.max() <= 0.4
+    full = sample_sigma(TrainConfig(timestep_sampling=method), torch.Generator().manual_seed(1), 200000)
+    below = full[full <= 0.4]
+    assert abs(float(sigma.median()) - float(below.median())) < 0.01
+
+
 def test_loss_weight_is_clamped_sigma_minus_two():
     sigma = torch.tensor([1.0, 0.5, 0.1, 0.01])
     assert loss_weight(sigma, TrainConfig(max_loss_weight=50)).tolist() == pytest.approx([1, 4, 50, 50])
     assert loss_weight(sigma, TrainConfig(loss_weighting="none")).tolist() == [1, 1, 1, 1]
 
 
-class Recorder:
-    """A denoiser that returns a fixed x0 and records the estimates it is shown."""
+@pytest.mark.parametrize("start", ["noise", "lr_latent"])
+@pytest.mark.parametrize("weighting,max_weight,expected", [
+    ("litevsr", 100.0, lambda s: min(s ** -2, 100.0)), ("litevsr", 10.0, lambda s: min(s ** -2, 10.0)),
+    ("none", 100.0, lambda s: 1.0)])
+def test_effective_weight_on_the_clean_latent_error(start, weighting, max_weight, expected):
+    """A denoiser off the HR latent by delta: loss / mean(delta^2) is w(sigma) exactly (sigma^-2, clamped, or 1),
+    whatever the unrolls did before the trained call. sigma 0.05 and 0.2 lie past the clamp at 100 and at 10."""
+    gen = torch.Generator().manual_seed(1)
+    hr, lr, noise, delta = (torch.randn(5, 4, 2, 4, 4, generator=gen) for _ in range(4))
+    config = TrainConfig(max_unrolls=3, loss_weighting=weighting, max_loss_weight=max_weight, start=start)
+    sigma = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.05]) * config.first_sigma
+    loss = velocity_loss(lambda x, s, lr, estimate: hr + delta, hr, lr, noise, sigma, config)
+    effective = loss / delta.pow(2).flatten(1).mean(dim=1)
+    assert effective.tolist() == pytest.approx([expected(float(s)) for s in sigma], rel=1e-5)
+    assert velocity_loss(lambda x, s, lr, estimate: hr, hr, lr, noise, sigma, config).abs().max() == 0
 
-    def __init__(self, x0):
-        self.x0, self.shown = x0, []
+
+class Trajectory:
+    """A deterministic denoiser whose clean estimate depends on the state, sigma, the LR latent and the estimate it is
+    shown (like a DiT with the adapter); records (state, sigma per sample, estimate) of every call."""
+
+    def __init__(self):
+        self.calls = []
 
     def __call__(self, x, sigma, lr, estimate):
-        self.shown.append(estimate.clone())
-        return self.x0 + 0 * x
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1, 1).expand(x.shape[0], 1, 1, 1, 1)
+        self.calls.append((x.clone(), s.flatten().clone(), estimate.clone()))
+        return x - s * torch.tanh(x + 0.5 * estimate - lr)
 
 
-def test_velocity_loss_is_zero_for_the_true_clean_latent_and_weighted_otherwise():
-    gen = torch.Generator().manual_seed(1)
-    hr, lr, noise = (torch.randn(2, 4, 2, 4, 4, generator=gen) for _ in range(3))
-    sigma = torch.tensor([0.3, 0.9])
-    config = TrainConfig(max_unrolls=1)
-    assert velocity_loss(Recorder(hr), hr, lr, noise, sigma, config).abs().max() < 1e-10
-    off = velocity_loss(Recorder(hr + 0.1), hr, lr, noise, sigma, config)
-    # x0 off by 0.1 everywhere: v_hat - v = -0.1 / sigma, squared and weighted by sigma^-2
-    assert off.tolist() == pytest.approx((0.01 / sigma**2 / sigma**2).tolist(), rel=1e-4)
+TOLERANCE = 1e-6  # float32 states of unit scale; the two sides differ only in how the sigma arithmetic rounds
 
 
-def test_unrolls_feed_each_clean_estimate_back_per_sample():
-    hr, lr, noise = torch.zeros(2, 1, 1, 2, 2), torch.full((2, 1, 1, 2, 2), 7.0), torch.zeros(2, 1, 1, 2, 2)
-    sigma = torch.tensor([0.95, 0.1])  # M = 1 and M = 3 with max_unrolls 3
-    recorder = Recorder(torch.full_like(hr, 2.0))
-    velocity_loss(recorder, hr, lr, noise, sigma, TrainConfig(max_unrolls=3))
-    assert len(recorder.shown) == 3  # two gradient-free feedback calls, then the trained call
-    assert torch.equal(recorder.shown[0], lr)  # the first estimate is the LR latent
-    trained_call = recorder.shown[-1]
-    assert torch.equal(trained_call[0], lr[0])  # sample with M = 1 never got feedback
-    assert torch.equal(trained_call[1], torch.full_like(lr[1], 2.0))  # sample with M = 3 sees the fed-back x0
+@pytest.mark.parametrize("start,start_sigma,grid", [
+    ("noise", 1.0, [(4, 2), (3, 1), (2, 0)]),  # (N, k): sigma = flow_sigmas(N)[k], M(sigma) = k + 1 calls
+    ("lr_latent", 0.4, [(5, 3), (4, 2), (6, 1), (2, 0)])])
+def test_unrolls_feed_back_what_the_sampler_feeds_back(start, start_sigma, grid):
+    """One batch, a sigma and an M per sample. Sample b trains at sigma = flow_sigmas(N_b, 5, start)[k_b] with
+    M = k_b + 1 calls; those calls are the first k_b + 1 calls of sample_vsr over flow_sigmas(N_b, 5, start) for
+    that sample: the same states, sigmas and fed-back estimates (within TOLERANCE)."""
+    gen = torch.Generator().manual_seed(3)
+    hr, lr, noise = (torch.randn(len(grid), 4, 2, 4, 4, generator=gen) for _ in range(3))
+    config = TrainConfig(max_unrolls=4, start=start, start_sigma=start_sigma)
+    schedules = [flow_sigmas(steps, config.shift, config.first_sigma) for steps, _ in grid]
+    sigma = torch.stack([schedule[k] for schedule, (_, k) in zip(schedules, grid)])
+    assert unroll_count(sigma / config.first_sigma, config.max_unrolls).tolist() == [k + 1 for _, k in grid]
+    trainer = Trajectory()
+    velocity_loss(trainer, hr, lr, noise, sigma, config)
+    assert len(trainer.calls) == max(k for _, k in grid) + 1
+    worst = 0.0
+    for b, (schedule, (_, k)) in enumerate(zip(schedules, grid)):
+        sampler = Trajectory()
+        sample_vsr(sampler, lr[b:b + 1], noise[b:b + 1], schedule, start)
+        for trained, sampled in zip(trainer.calls[-(k + 1):], sampler.calls[:k + 1]):
+            for ours, theirs in zip(trained, sampled):
+                worst = max(worst, float((ours[b] - theirs[0]).abs().max()))
+    print(f"\n[unroll = inference, start {start}] worst |trainer - sampler| over states, sigmas, estimates: "
+          f"{worst:.2g}")
+    assert worst <= TOLERANCE
+    assert torch.equal(trainer.calls[-1][2][-1], lr[-1])  # M = 1: the trained call reads the LR latent
+
+
+def test_unroll_sigmas_are_the_samplers_schedule_from_the_start_down_to_sigma():
+    """M points from the start sigma to sigma, evenly spaced in unshifted time (shift 5); front-padded with the first
+    sigma for fewer calls; one call is [sigma]."""
+    sigma, calls = torch.tensor([0.3, 0.7, 0.2]), torch.tensor([4, 2, 1])
+    rows = unroll_sigmas(sigma, calls, 0.9, 5.0)
+    u_start = unshift_sigma(0.9, 5.0)
+    for row, s, m in zip(rows, sigma, calls):
+        expected = shift_sigma(torch.linspace(u_start, float(unshift_sigma(s.double(), 5.0)), int(m),
+                                              dtype=torch.float64), 5.0).float() if m > 1 else s[None]
+        padding = torch.full((4 - int(m),), float(expected[0]))
+        assert torch.allclose(row, torch.cat([padding, expected]), atol=1e-7, rtol=0)
+    assert torch.equal(rows[:, -1], sigma)
 
 
 def test_processes_cover_the_same_global_batch():
@@ -88,3 +147,51 @@ def test_degradation_overrides_set_any_range_and_refuse_unknown_names():
         with_overrides("standard", {"stage3": {}})
     with pytest.raises(ValueError, match="takes a list"):
         with_overrides("standard", {"final": {"bitrate": 5}})
+
+
+class CarriedTrajectory(Trajectory):
+    """Trajectory's denoiser that also reads the carried state, as the DiT with the adapter does: each frame sees its
+    temporal neighbour (so known frames matter), the per-frame levels and the memory; records them."""
+
+    def __call__(self, x, sigma, lr, estimate, carried=None):
+        self.calls.append((x.clone(), torch.as_tensor(sigma).clone(), estimate.clone(),
+                           carried.frame_sigmas.clone(), carried.memory.clone()))
+        levels = carried.frame_sigmas.to(x).reshape(x.shape[0] if carried.frame_sigmas.ndim == 2 else 1, 1, -1, 1, 1)
+        neighbour = torch.roll(x, 1, dims=2)
+        return x - levels * torch.tanh(x + 0.5 * estimate - lr + 0.3 * neighbour) + 0.1 * carried.memory.mean(2, True)
+
+
+def test_the_second_segment_trains_as_the_next_chunk_of_a_long_video():
+    """segments = 2: the trained call of the second segment (sigma 1, one call) gets exactly what the sampler's
+    first call on the next chunk gets when the first segment was the chunk before (stream.process_chunks: the
+    first's one-step finish as known frames at the context level, remember(None, finished) as memory), and the loss
+    is w(1) * mean |x0_hat - z0|^2 over the frames the first segment did not finish."""
+    gen = torch.Generator().manual_seed(5)
+    hr, lr, noise = (torch.randn(1, 4, 7, 4, 4, generator=gen) for _ in range(3))
+    config = TrainConfig(segments=2, segment_overlap=2)
+    carry = SegmentCarry(context_sigma=0.02, remember=remember)
+    first, trainer = Trajectory(), CarriedTrajectory()
+
+    def denoise(x, sigma, lr_latent, estimate, carried=None):
+        if carried is None:  # the first segment: nothing carried into it
+            return first(x, sigma, lr_latent, estimate)
+        return trainer(x, sigma, lr_latent, estimate, carried)
+
+    loss = velocity_loss(denoise, hr, lr, noise, torch.tensor([1.0]), config, carry)
+
+    (first_lr, second_lr), (first_noise, second_noise) = two_segments(lr, 2), two_segments(noise, 2)
+    assert first_lr.shape[2] == 5 and second_lr.shape[2] == 4  # 7 frames: 0-4 and 3-6, sharing 3 and 4
+    finished = sample_vsr(Trajectory(), first_lr, first_noise, flow_sigmas(1, config.shift))
+    known = KnownFrames((0, 1), finished[:, :, -2:], 0.02)
+    sampler = CarriedTrajectory()
+    sample_vsr(sampler, second_lr, second_noise, flow_sigmas(1, config.shift), known=known,
+               memory=remember(None, finished))
+    assert len(trainer.calls) == len(sampler.calls) == 1
+    for ours, theirs in zip(trainer.calls[0], sampler.calls[0]):
+        assert torch.allclose(ours.float(), theirs.float(), atol=TOLERANCE, rtol=0)
+    x, _, estimate, levels, _ = sampler.calls[0]
+    x0_hat = CarriedTrajectory()(x, 1.0, second_lr, estimate, Carried(levels, remember(None, finished)))
+    fresh_error = (x0_hat - two_segments(hr, 2)[1])[:, :, 2:].pow(2).mean()
+    assert float(loss) == pytest.approx(float(fresh_error), rel=1e-5)  # w(1) = 1, known frames left out
+    with pytest.raises(ValueError, match="segment_overlap"):
+        velocity_loss(denoise, hr[:, :, :3], lr[:, :, :3], noise[:, :, :3], torch.tensor([1.0]), config, carry)

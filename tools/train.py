@@ -3,7 +3,7 @@
     python -m tools.train --data videos/ --out adapter.safetensors --steps 2000 --dit wan_dit.safetensors \
         --vae wan_vae.safetensors [--validation-data held_out/] [--scale 4] [--clip-frames 5] [--crop 64x64] \
         [--preset light] [--batch-size 1] [--grad-accumulation 1] [--lr 1e-4] [--max-unrolls 3] [--seed 0] \
-        [--checkpoint-every 0] [--validation-every 0] [--init-adapter start.safetensors]
+        [--start noise|lr_latent] [--checkpoint-every 0] [--validation-every 0] [--init-adapter start.safetensors]
     python -m tools.train ... --resume                      # continue from the newest checkpoint
     python -m tools.train --data videos/ --out a.safetensors --steps 20 --stand-ins   # tiny random-weight models
     torchrun --nproc_per_node=K -m tools.train ... --batch-size B    # K data-parallel processes
@@ -99,8 +99,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-unrolls", type=int, default=3, help="M_max of the adaptive unrolling schedule; 1: off")
     ap.add_argument("--timestep-sampling", default="shifted", help="shifted, logit_normal or uniform")
     ap.add_argument("--shift", type=float, default=5.0, help="time shift of --timestep-sampling shifted")
-    ap.add_argument("--loss-weighting", default="litevsr", help="litevsr (clamped sigma^-2) or none")
+    ap.add_argument("--loss-weighting", default="litevsr", help="weight on the clean-latent error: litevsr "
+                                                                "(sigma^-2, the velocity MSE, clamped) or none (1)")
     ap.add_argument("--max-loss-weight", type=float, default=100.0, help="clamp of sigma^-2")
+    add_start_arguments(ap)
     ap.add_argument("--seed", type=int, default=0, help="clips, crops, degradations, noise and the new adapter")
     ap.add_argument("--precision", default="auto", help="GPU autocast: auto, bf16, fp16 or fp32 (CPU: fp32)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
@@ -120,6 +122,10 @@ def parse_args(argv=None):
     check_model_arguments(ap, args)
     if args.teacher and args.init_adapter:
         ap.error("--teacher: the student starts as the teacher; leave out --init-adapter")
+    if args.teacher and args.start != "noise":
+        ap.error("--teacher: the one-step student starts from noise; leave out --start")
+    if args.teacher and args.segments != 1:
+        ap.error("--teacher: distillation trains one-step clips; leave out --segments")
     try:
         distill_config(args, comfy_env.core_module("distill"))
     except ValueError as invalid:
@@ -136,6 +142,25 @@ def parse_args(argv=None):
     if args.log_every < 1 or args.validation_clips < 1:
         ap.error("--log-every and --validation-clips must each be at least 1")
     return args
+
+
+def add_start_arguments(ap):
+    """--start, --start-sigma: the sampler's start the adapter is trained for; --segments, --segment-overlap: whether
+    it trains as a long video's next chunk (names and defaults from core)."""
+    training = comfy_env.core_module("training")  # before ComfyUI: see comfy_env.core_module
+    defaults = training.TrainConfig()
+    ap.add_argument("--start", default=defaults.start, choices=training.START_MODES,
+                    help="the sampler start to train for: noise (sigma 1) or lr_latent (the LR latent as the state "
+                         f"at --start-sigma, InfVSR/DOVE style); default {defaults.start}")
+    ap.add_argument("--start-sigma", type=float, default=defaults.start_sigma,
+                    help="with --start lr_latent: the noise level the LR latent is taken as; training sigmas are "
+                         f"drawn below it (default {defaults.start_sigma}, the sampler's)")
+    ap.add_argument("--segments", type=int, default=defaults.segments, choices=(1, 2),
+                    help="2: each clip is two consecutive segments, the second trained as a long video's next chunk "
+                         "(the first's finished frames as known frames, its memory); trains the adapter's memory "
+                         f"of earlier chunks (default {defaults.segments})")
+    ap.add_argument("--segment-overlap", type=int, default=defaults.segment_overlap,
+                    help=f"with --segments 2: latent frames the segments share (default {defaults.segment_overlap})")
 
 
 def add_distill_arguments(ap):
@@ -166,7 +191,8 @@ def train_config(args):
                        batch_size=args.batch_size, grad_accumulation=args.grad_accumulation,
                        timestep_sampling=args.timestep_sampling, shift=args.shift, max_unrolls=args.max_unrolls,
                        loss_weighting=args.loss_weighting, max_loss_weight=args.max_loss_weight,
-                       grad_clip=args.grad_clip, seed=args.seed)
+                       grad_clip=args.grad_clip, seed=args.seed, start=args.start, start_sigma=args.start_sigma,
+                       segments=args.segments, segment_overlap=args.segment_overlap)
 
 
 def run_description(args):

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 START_MODES = ("noise", "lr_latent")
+LR_LATENT_START_SIGMA = 0.4  # default noise level the LR latent is taken as, for start = "lr_latent"
 
 
 def shift_sigma(u, shift):
@@ -52,9 +53,15 @@ def flow_sigmas(steps, shift, start_sigma=1.0):
 
 
 def euler_step(x, x0, sigma, sigma_next):
-    if sigma_next == 0:
-        return x0  # exactly the clean estimate, not x0 plus rounding
-    return x + (sigma_next - sigma) * (x - x0) / sigma
+    """x at sigma_next. sigma, sigma_next: numbers, or per-sample tensors broadcasting over x (the trainer's unrolls,
+    one sigma per sample). A step to sigma 0 gives exactly the clean estimate, not x0 plus rounding."""
+    x_next = x + (sigma_next - sigma) * (x - x0) / sigma
+    return torch.where(torch.as_tensor(sigma_next == 0, device=x.device), x0, x_next)
+
+
+def first_sigma(start, start_sigma):
+    """The schedule's first sigma: 1 from noise, `start_sigma` from the LR latent."""
+    return 1.0 if start == "noise" else start_sigma
 
 
 def initial_state(start, lr_latent, noise):
@@ -100,9 +107,11 @@ class KnownFrames:
         return self.sigma * noise[:, :, list(self.frames)].to(self.values) + (1 - self.sigma) * self.values
 
     def frame_sigmas(self, frames, sigma):
-        """[frames]: the context level on the known frames, the step's sigma on the others."""
-        sigmas = torch.full((frames,), float(sigma))
-        sigmas[list(self.frames)] = self.sigma
+        """The context level on the known frames, the step's sigma on the others: [frames] for a number, [B, frames]
+        for one sigma per sample (the trainer's)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).cpu()
+        sigmas = sigma[..., None].repeat(*([1] * sigma.ndim), frames)
+        sigmas[..., list(self.frames)] = self.sigma
         return sigmas
 
 

@@ -1,13 +1,18 @@
 """Training the State-Aware Adapter on a frozen backbone (pure torch; the model call comes in as a function).
 
-Objective (the LiteVSR paper's, in ComfyUI's Wan flow convention, sigma = t):
-  z_sigma = sigma * noise + (1 - sigma) * z0           z0: HR latent, noise: N(0, 1)
-  target  v = noise - z0,  prediction v_hat = (z_sigma - x0_hat) / sigma   (the model returns x0_hat)
-  loss    = w(sigma) * mean (v_hat - v)^2,  w = min(sigma^-2, max_loss_weight)   (LiteVSR's sigma^-2, clamped)
-Adaptive trajectory unrolling: the refinement stream starts at the LR latent; M(sigma) - 1 gradient-free model
-calls feed their clean estimates back before the one call that is trained, with
-  M(sigma) = round(1 + s (1 - sigma) / (1 + (s - 1)(1 - sigma)) * (M_max - 1)),  s = 5,
-so training sees the estimates the sampler will show the adapter at inference.
+Objective, in ComfyUI's Wan flow convention (sigma = t, the model returns its clean estimate x0_hat):
+  loss = w(sigma) * mean |x0_hat - z0|^2        z0: HR latent
+  w    = min(sigma^-2, max_loss_weight)  ("litevsr"),   1  ("none")
+On the straight path z_sigma = sigma * noise + (1 - sigma) * z0 the velocity error (z_sigma - x0_hat)/sigma -
+(noise - z0) is (z0 - x0_hat)/sigma, so "litevsr" is the plain flow-matching velocity MSE the backbone was trained
+with, clamped so that sigma -> 0 cannot dominate. The loss is written on the clean error because the unrolled state
+below is not on that straight path, and the clean error means the same thing anywhere.
+Trajectory unrolling (the LiteVSR paper's adaptive schedule, on the inference trajectory): a sample at sigma gets
+  M(sigma) = round(1 + s p / (1 + (s - 1) p) * (M_max - 1)),  p = 1 - sigma / sigma_start,  s = 5
+model calls at M sigmas from the start sigma down to sigma, spaced as the sampler's schedule. The state enters at
+the first of them on the line from the start state to z0 (pure noise at sigma 1, or the LR latent at its start
+sigma: `start`), M - 1 gradient-free Euler steps with clean-estimate feedback take it to sigma as sample_vsr would,
+and the last call, trained, sees the state and the estimate of the previous, noisier step.
 The loss is a parameter of the trainer: an objective is `objective(denoise, hr_latent, lr_latent, noise, sigma,
 config) -> per-sample loss [B]` (velocity_loss by default); `unrolled_denoise` gives it the trained call. An
 objective that trains a second player (distill.Distillation's discriminators) also has `update(trainer)`, called
@@ -18,18 +23,22 @@ Every random choice of a sample (clip, crop, degradation, noise, sigma) is a pur
 index), and sample indices are laid out so that K processes with batch B/K draw the same global batch as one
 process with batch B: resuming, or changing the number of processes, does not change what is trained on.
 """
+import functools
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from .degrade import apply_degradation, sample_degradation
 from .frames import resize_frames
+from .sampling import (LR_LATENT_START_SIGMA, START_MODES, KnownFrames, euler_step, first_sigma, flow_sigmas,
+                       initial_state, sample_vsr, shift_sigma, unshift_sigma, with_carried)
 
 TIMESTEP_SAMPLING = ("shifted", "logit_normal", "uniform")
 LOSS_WEIGHTINGS = ("litevsr", "none")
-SIGMA_MIN = 1e-3  # sigma = 0 has no velocity to learn (v_hat divides by sigma)
+SIGMA_MIN = 1e-3  # sigma = 0 is the clean latent itself: nothing left to denoise
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1  # seed streams: validation samples never collide with training samples
 
 
@@ -47,43 +56,77 @@ class TrainConfig:
     max_unrolls: int = 3  # M_max of the adaptive unrolling schedule; 1 = no feedback unrolls
     unroll_shift: float = 5.0  # s of the schedule
     loss_weighting: str = "litevsr"
-    max_loss_weight: float = 100.0  # clamp of sigma^-2 (= a sigma floor of 0.1)
+    max_loss_weight: float = 100.0  # clamp of w = sigma^-2 on the clean-latent error (= a sigma floor of 0.1)
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     seed: int = 0
+    start: str = "noise"  # the sampler's start this trains for (sampling.START_MODES)
+    start_sigma: float = LR_LATENT_START_SIGMA  # for start "lr_latent": the noise level the LR latent is taken as
+    segments: int = 1  # 2: each clip is two consecutive segments, the second trained with what the first finished
+    segment_overlap: int = 2  # latent frames the two segments share (a long video's chunk overlap: 8 frames = 2)
 
     def __post_init__(self):
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(f"unknown timestep sampling {self.timestep_sampling!r}; use one of {TIMESTEP_SAMPLING}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {self.loss_weighting!r}; use one of {LOSS_WEIGHTINGS}")
+        if self.start not in START_MODES:
+            raise ValueError(f"unknown start {self.start!r}; use one of {START_MODES}")
+        if not SIGMA_MIN < self.start_sigma <= 1:
+            raise ValueError(f"start_sigma must be in ({SIGMA_MIN}, 1], got {self.start_sigma}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1 or self.max_unrolls < 1:
             raise ValueError("steps, batch_size, grad_accumulation and max_unrolls must each be at least 1")
+        if self.segments not in (1, 2) or self.segment_overlap < 1:
+            raise ValueError(f"segments must be 1 or 2 and segment_overlap at least 1, got {self.segments} and "
+                             f"{self.segment_overlap}")
 
     def to_dict(self):
         return asdict(self)
+
+    @property
+    def first_sigma(self):
+        """The noise level the start state is at: 1 for noise, start_sigma for the LR latent."""
+        return first_sigma(self.start, self.start_sigma)
 
 
 # --- the math -----------------------------------------------------------------------------------------------------
 
 def sample_sigma(config, generator, count=1):
-    """Training noise levels in [SIGMA_MIN, 1] from a torch generator."""
-    if config.timestep_sampling == "logit_normal":
-        normal = torch.randn(count, generator=generator, dtype=torch.float64)
-        sigma = torch.sigmoid(config.logit_mean + config.logit_std * normal)
+    """Training noise levels in [SIGMA_MIN, first sigma] from a torch generator: the timestep distribution restricted
+    to (0, first sigma], drawn by its inverse CDF from a uniform draw below the CDF at the first sigma."""
+    top = torch.tensor(config.first_sigma, dtype=torch.float64)
+    u = torch.rand(count, generator=generator, dtype=torch.float64)
+    if config.timestep_sampling == "logit_normal":  # sigmoid(mean + std * N(0, 1)), by the normal's inverse CDF
+        below = torch.special.ndtr((torch.logit(top) - config.logit_mean) / config.logit_std)
+        sigma = torch.sigmoid(config.logit_mean + config.logit_std * torch.special.ndtri(u * below))
+    elif config.timestep_sampling == "uniform":
+        sigma = u * top
     else:
-        u = torch.rand(count, generator=generator, dtype=torch.float64)
-        sigma = u if config.timestep_sampling == "uniform" else config.shift * u / (1 + (config.shift - 1) * u)
+        sigma = shift_sigma(u * unshift_sigma(top, config.shift), config.shift)
     return sigma.clamp(SIGMA_MIN, 1.0).float()
 
 
-def unroll_count(sigma, max_unrolls, s=5.0):
-    """M(sigma) of the adaptive unrolling schedule: 1 model call near pure noise, up to max_unrolls near clean."""
-    progress = 1.0 - sigma.double()
+def unroll_count(level, max_unrolls, s=5.0):
+    """M of the adaptive unrolling schedule at `level` = sigma / first sigma: 1 model call at the start, up to
+    max_unrolls near clean."""
+    progress = 1.0 - level.double()
     shaped = s * progress / (1 + (s - 1) * progress)
     return torch.round(1 + shaped * (max_unrolls - 1)).long()
 
 
+def unroll_sigmas(sigma, calls, start_sigma, shift):
+    """`[B, max(calls)]`: per sample, `calls` sigmas from start_sigma down to its sigma, evenly spaced in unshifted
+    time as the sampler's schedule (flow_sigmas); one call is just [sigma]. Shorter rows repeat their first sigma in
+    front (steps of length 0), so every row ends at its sample's sigma."""
+    longest = int(calls.max())
+    calls = calls[:, None]
+    position = (torch.arange(longest) - (longest - calls)).clamp(min=0).double()
+    fraction = torch.where(calls > 1, position / (calls - 1).clamp(min=1), 1.0)
+    u_start, u_end = unshift_sigma(start_sigma, shift), unshift_sigma(sigma.double()[:, None], shift)
+    return shift_sigma(u_start + fraction * (u_end - u_start), shift).float()
+
+
 def loss_weight(sigma, config):
+    """w(sigma) on the clean-latent error: the one weighting of the loss (the module docstring says why)."""
     if config.loss_weighting == "none":
         return torch.ones_like(sigma)
     return sigma.pow(-2).clamp(max=config.max_loss_weight)
@@ -94,26 +137,95 @@ def _per_sample(values, like):
     return values.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def unrolled_denoise(denoise, noisy, lr_latent, sigma, config):
-    """x0_hat of the trained call at `noisy` after M(sigma) - 1 gradient-free calls fed their clean estimates back
-    (samples needing fewer keep theirs); gradients reach the adapter through this last call only."""
-    calls = unroll_count(sigma, config.max_unrolls, config.unroll_shift)
-    estimate = lr_latent
+def entry_state(start_state, hr_latent, sigma, start_sigma):
+    """The state at per-sample `sigma` on the line from the start state (at start_sigma) to the HR latent:
+    (sigma / s) x_start + (1 - sigma / s) z0; the start state itself at sigma = start_sigma."""
+    level = _per_sample(sigma / start_sigma, hr_latent).to(hr_latent.dtype)
+    return level * start_state + (1 - level) * hr_latent
+
+
+def feedback_steps(denoise, x, lr_latent, estimate, sigmas):
+    """Gradient-free Euler steps with clean-estimate feedback along per-sample schedules `sigmas [B, K + 1]`, as
+    sample_vsr takes them (with_feedback, euler_step): each call reads the previous call's clean estimate.
+    Returns (the state at sigmas[:, -1], the last estimate). A step of length 0 (a row's front padding) keeps its
+    state and its estimate."""
     with torch.no_grad():
-        for k in range(int(calls.max()) - 1):
-            fed_back = denoise(noisy, sigma, lr_latent, estimate)
-            keep_going = _per_sample(k < calls - 1, noisy)
-            estimate = torch.where(keep_going, fed_back.to(estimate.dtype), estimate)
-    return denoise(noisy, sigma, lr_latent, estimate)
+        for k in range(sigmas.shape[1] - 1):
+            sigma, sigma_next = sigmas[:, k], sigmas[:, k + 1]
+            fed_back = denoise(x, sigma, lr_latent, estimate).to(x.dtype)
+            estimate = torch.where(_per_sample(sigma_next < sigma, x), fed_back, estimate)
+            x = euler_step(x, fed_back, _per_sample(sigma, x), _per_sample(sigma_next, x))
+    return x, estimate
 
 
-def velocity_loss(denoise, hr_latent, lr_latent, noise, sigma, config):
-    """Weighted velocity error per sample `[B]`: the default objective."""
-    s = _per_sample(sigma, hr_latent).to(hr_latent.dtype)
-    noisy = s * noise + (1 - s) * hr_latent
-    predicted = unrolled_denoise(denoise, noisy, lr_latent, sigma, config).float()
-    velocity_error = (noisy - predicted) / s - (noise - hr_latent)
-    return loss_weight(sigma, config).to(velocity_error.device) * velocity_error.pow(2).flatten(1).mean(dim=1)
+def unrolled_denoise(denoise, hr_latent, lr_latent, noise, sigma, config, estimate=None):
+    """x0_hat of the trained call at `sigma`, at the end of its inference trajectory: the state enters at the first
+    of M(sigma) sigmas (unroll_sigmas), M - 1 gradient-free feedback steps bring it to sigma, and the last call sees
+    the previous step's estimate (the first call sees `estimate`, by default the LR latent). Gradients reach the
+    adapter through this call only."""
+    start = config.first_sigma
+    calls = unroll_count(sigma / start, config.max_unrolls, config.unroll_shift)
+    sigmas = unroll_sigmas(sigma, calls, start, config.shift)
+    x = entry_state(initial_state(config.start, lr_latent, noise), hr_latent, sigmas[:, 0], start)
+    x, estimate = feedback_steps(denoise, x, lr_latent, lr_latent if estimate is None else estimate, sigmas)
+    return denoise(x, sigma, lr_latent, estimate)
+
+
+def two_segments(latent, overlap):
+    """(first, second) of latents [B, C, T, ...] cut into two consecutive segments that share `overlap` frames, as
+    a long video's chunks do: the second starts `overlap` frames before the first ends."""
+    frames = latent.shape[2]
+    if frames < overlap + 2:
+        raise ValueError(f"two segments sharing {overlap} latent frames need clips of at least {overlap + 2} latent "
+                         f"frames, got {frames}: use longer clips (clip_frames) or a smaller segment_overlap")
+    first_end = (frames + overlap + 1) // 2
+    return latent[:, :, :first_end], latent[:, :, first_end - overlap:]
+
+
+@dataclass(frozen=True)
+class SegmentCarry:
+    """How a long video hands state from chunk to chunk, for training the second of two segments as its next chunk:
+    known frames shown at the backbone family's `context_sigma`, and the adapter's `remember` rule (None: the
+    adapter keeps no memory)."""
+
+    context_sigma: float
+    remember: Optional[Callable] = None
+
+    def second_segment(self, denoise, hr_latent, lr_latent, noise, config):
+        """(denoise, hr, lr, noise, first estimate) of the second segment: the first is upscaled gradient-free in
+        one step (the sampler's default) as the previous chunk, its finished latents over the overlap become the
+        second's known frames and its memory the second's, exactly as stream.process_chunks carries them."""
+        overlap = config.segment_overlap
+        (first_lr, lr_latent), (first_noise, noise) = two_segments(lr_latent, overlap), two_segments(noise, overlap)
+        with torch.no_grad():
+            finished = sample_vsr(denoise, first_lr, first_noise, flow_sigmas(1, config.shift, config.first_sigma),
+                                  config.start)
+        known = KnownFrames(tuple(range(overlap)), finished[:, :, -overlap:], self.context_sigma)
+        memory = None if self.remember is None else self.remember(None, finished)
+        return (with_carried(denoise, known, noise, memory), two_segments(hr_latent, overlap)[1], lr_latent, noise,
+                known.put(lr_latent, known.values))
+
+
+def velocity_loss(denoise, hr_latent, lr_latent, noise, sigma, config, carry=None):
+    """w(sigma) * mean |x0_hat - z0|^2 per sample `[B]`: the default objective (with "litevsr" weighting, the
+    flow-matching velocity MSE; see the module docstring). With `carry` (config.segments = 2) the loss is the
+    second segment's, over the frames the first did not finish."""
+    estimate, fresh = None, 0
+    if carry is not None:
+        denoise, hr_latent, lr_latent, noise, estimate = carry.second_segment(denoise, hr_latent, lr_latent, noise,
+                                                                              config)
+        fresh = config.segment_overlap
+    predicted = unrolled_denoise(denoise, hr_latent, lr_latent, noise, sigma, config, estimate).float()
+    clean_error = (predicted - hr_latent.float())[:, :, fresh:].pow(2).flatten(1).mean(dim=1)
+    return loss_weight(sigma, config).to(clean_error.device) * clean_error
+
+
+def segment_objective(objective, carry):
+    """The objective of config.segments = 2: the velocity loss of the second segment given `carry`."""
+    if objective is not velocity_loss:
+        raise ValueError("training on two segments is for the velocity loss; distillation trains one-step clips: "
+                         "set segments to 1")
+    return functools.partial(velocity_loss, carry=carry)
 
 
 # --- samples ------------------------------------------------------------------------------------------------------
@@ -172,12 +284,14 @@ class PairMaker:
                                 for name in ("hr_latent", "lr_latent", "noise", "sigma")))
 
 
-VALIDATION_SIGMAS = (0.25, 0.5, 0.75, 1.0)
+VALIDATION_LEVELS = (0.25, 0.5, 0.75, 1.0)  # validation sigmas as fractions of the first sigma
 
 
 def validation_set(pairs, clips):
-    """Fixed held-out samples: `clips` clips from the validation stream, each at every sigma of VALIDATION_SIGMAS."""
-    return [pairs.sample(VALIDATION_STREAM, clip, sigma) for clip in range(clips) for sigma in VALIDATION_SIGMAS]
+    """Fixed held-out samples: `clips` clips from the validation stream, each at every sigma of VALIDATION_LEVELS
+    times the first sigma of the start trained for."""
+    return [pairs.sample(VALIDATION_STREAM, clip, level * pairs.config.first_sigma)
+            for clip in range(clips) for level in VALIDATION_LEVELS]
 
 
 def validation_loss(denoise, samples, config, device, objective=velocity_loss):
