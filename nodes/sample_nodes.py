@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from .adapters import check_distilled_steps
 from .backbone import backbone_signature
-from .core.sampling import START_MODES, flow_sigmas, sample_vsr, video_noise
+from .core.sampling import LR_LATENT_START_SIGMA, START_MODES, first_sigma, flow_sigmas, sample_vsr, video_noise
 from .latents import vsr_info
 from .pipeline import dit_denoiser, dit_tiles
 from .progress import Eta, send_progress
@@ -25,7 +25,7 @@ def sampling_inputs():
         io.Combo.Input("start", options=list(START_MODES), default="noise",
                        tooltip="noise: start from pure noise at sigma 1 (the paper). lr_latent: use the LR latent "
                                "itself as the state at 'start_sigma' (InfVSR/DOVE style)."),
-        io.Float.Input("start_sigma", default=0.4, min=0.01, max=1.0, step=0.01,
+        io.Float.Input("start_sigma", default=LR_LATENT_START_SIGMA, min=0.01, max=1.0, step=0.01,
                        tooltip="Only for start = lr_latent: the noise level the LR latent is treated as."),
     ]
 
@@ -69,7 +69,7 @@ class LiteVSRSampler(io.ComfyNode):
                 "Wan2.2 VAE for TI2V-5B).")
         base = model.model
         lr_latent = base.process_latent_in(encoded.float())
-        sigmas = flow_sigmas(steps, shift, 1.0 if start == "noise" else start_sigma)
+        sigmas = flow_sigmas(steps, shift, first_sigma(start, start_sigma))
         noise = video_noise(lr_latent.shape, seed)
         progress = comfy.utils.ProgressBar(steps)
         comfy.model_management.throw_exception_if_processing_interrupted()

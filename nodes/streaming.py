@@ -14,7 +14,7 @@ from .core import oom
 from .core.causal import causal_chunks, upscale_causal
 from .core.distributed import rank_ranges, upscale_shared
 from .core.dit_tiling import default_overlap, patch_multiple
-from .core.sampling import flow_sigmas
+from .core.sampling import first_sigma, flow_sigmas
 from .core.stream import VSRPipeline, upscale_chunks
 from .core.temporal import SceneCutDetector, split_chunks
 from .core.video_io import VideoWriter
@@ -188,7 +188,7 @@ class StreamUpscale:
             self.own = range(*rank_ranges(len(self.chunks), options.segment_chunks, share.world)[share.rank])
         on_plan()
 
-        sigmas = flow_sigmas(options.steps, options.shift, 1.0 if options.start == "noise" else options.start_sigma)
+        sigmas = flow_sigmas(options.steps, options.shift, first_sigma(options.start, options.start_sigma))
 
         def pipeline_for(sizes):
             self.in_use = sizes

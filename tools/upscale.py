@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools import comfy_server
+from tools import comfy_env, comfy_server
 from tools.headless import (Ranks, add_model_arguments, build_infvsr_stand_ins, build_stand_ins,
                             check_model_arguments, load_models, load_text_encoder, load_vae, run_headless,
                             stand_in_banner)
@@ -58,8 +58,10 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shift", type=float, default=5.0, help="flow time shift of the sigma schedule")
-    ap.add_argument("--start", default="noise", help="noise or lr_latent")
-    ap.add_argument("--start-sigma", type=float, default=0.4, help="only for --start lr_latent")
+    sampling = comfy_env.core_module("sampling")  # before ComfyUI: see comfy_env.core_module
+    ap.add_argument("--start", default="noise", choices=sampling.START_MODES, help="noise or lr_latent")
+    ap.add_argument("--start-sigma", type=float, default=sampling.LR_LATENT_START_SIGMA,
+                    help=f"only for --start lr_latent (default {sampling.LR_LATENT_START_SIGMA})")
     ap.add_argument("--chunk-frames", type=int, default=0, help="4n+1 frames per chunk; 0: the memory planner's")
     ap.add_argument("--overlap-frames", type=int, default=8, help="frames shared by consecutive chunks (4n)")
     ap.add_argument("--segment-chunks", type=int, default=0,
