@@ -338,7 +338,8 @@ def adapter_file(kind, folder):
     elif kind == "newer_format":
         metadata = {**read_header(good)["__metadata__"], "format_version": str(FORMAT_VERSION + 1)}
         save_file(load_file(str(good)), str(path), metadata=metadata)
-        expected = "was written by a newer LiteVSR (adapter format 2; this pack reads up to 1). Update ComfyUI-LiteVSR"
+        expected = (f"was written by a newer LiteVSR (adapter format {FORMAT_VERSION + 1}; this pack reads up to "
+                    f"{FORMAT_VERSION}). Update ComfyUI-LiteVSR")
     good.unlink()
     return path.name, expected
 
