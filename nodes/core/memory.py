@@ -47,14 +47,14 @@ FFN_BASE_UNITS = 3  # x_in, current x, FFN input
 INJECT_UNITS = 4  # x_in, block output, cast projection, sum (+ the projection in the adapter's dtype)
 
 # The adapter's features pass (adapter.py `StateAwareAdapter.features`) runs once per model call, before the DiT
-# blocks. Live tensors per token in units of the adapter width w, at its peak, the MLP of a WindowCrossAttention
-# layer (traced op by op): structure and refinement embeddings (2), the key windows of both streams (2), the
-# queries entering the layer (1, held by the caller), and the layer's locals, which stay alive until it returns:
-# q (1), the fused k/v projection (4), the SDPA output (1), the attention residual (1), the MLP input (1); then
-# the MLP hidden and its GELU (2 x mlp_ratio): 13 + 2 x mlp_ratio = 17 for the default ratio 2. The attention
-# point before it peaks at 14. Windows pad the token grid to whole windows (1 x 8 x 8 tokens by default).
-ADAPTER_ATTENTION_UNITS = 14
-ADAPTER_MLP_BASE_UNITS = 13
+# blocks. Live tensors per token in units of the adapter width w (traced op by op): structure and refinement
+# embeddings (2), the key windows of both streams (2), the queries entering the layer (1, held by the caller) and
+# q (1), alive through the layer. Inside the attention (`WindowCrossAttention.attend`, whose locals are freed when
+# it returns): the fused k/v projection (4), the SDPA output (1) and its head-merged copy (1): 12. At the MLP: the
+# attention residual (1), the MLP input (1), the MLP hidden and its GELU (2 x mlp_ratio): 8 + 2 x mlp_ratio = 12
+# for the default ratio 2. Windows pad the token grid to whole windows (1 x 8 x 8 tokens by default).
+ADAPTER_ATTENTION_UNITS = 12
+ADAPTER_MLP_BASE_UNITS = 8
 
 # Latent tensors of the tile kept in float32 around a DiT call: x, noise, LR latent, estimate (crops), the
 # patch-embedding input upcast, x0 output, unpatchify / blend temporaries.
@@ -134,7 +134,7 @@ def dit_step_bytes(signature: BackboneSignature, latent_frames, latent_h, latent
       blocks  = L * batch * (max(7 d, (5 + rope) d, 3 d + 2 f) * db + w * ab)   one block's peak + features
               + L * 8 hd                                                       float32 RoPE table
               + batch * 512 * 3 d * db                                         embedded text, cross-attn k/v
-      adapter = L_win * batch * max(14, 13 + 2 mlp_ratio) * w * ab              features pass (before blocks)
+      adapter = L_win * batch * max(12, 8 + 2 mlp_ratio) * w * ab                features pass (before blocks)
       peak    = safety * (max(blocks, adapter)
                           + L * batch * 4 C * 4 B * 8                          float32 latent crops
                           + batch * 512 * text_dim * db)                        text context input
