@@ -120,7 +120,9 @@ def test_two_processes_train_what_one_process_trains(tmp_path, data):
     assert len(relative) > 40  # the zero-initialised injections trained, and everything behind them
     assert loss_diff < 1e-6 and validation_diff < 1e-6
     assert absolute < 5e-5 and total < 1e-3 and relative[worst] < 3e-3
-    assert min(control.values()) > 0.1
+    # the memory of earlier chunks gets no gradient from one-segment training (only segments = 2 trains it): its
+    # tensors move by weight decay alone, the same in every run
+    assert min(v for name, v in control.items() if not name.startswith("memory.")) > 0.1
 
 
 @pytest.mark.slow
